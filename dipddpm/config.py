@@ -1,0 +1,473 @@
+"""One schema for the whole system, YAML loading with `base:`, and `key.sub=value` overrides.
+
+A config is built in three layers, each deep-merged over the last:
+  schema defaults  <-  YAML file (and the files it extends with `base:`)  <-  CLI overrides.
+Every leaf remembers where it came from, so a bad value is reported as
+`config error: FILE: key.sub = value: reason` and the job exits 2 without a traceback.
+
+Sections are plain dataclasses; a field's annotation is its type (int, float, str, bool,
+Optional[...], list[...], Literal[...]). Checks that involve more than a type live in each
+section's `check()` and raise `ConfigError` through `fail()`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class UserError(Exception):
+    """An error caused by the user's input; jobs print it as one line and exit 2."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # every artifact of a job goes here
+    seed: int = 0
+    resume: bool = True  # pick up the latest checkpoint in run.dir if there is one
+
+    def check(self, fail):
+        if not self.dir:
+            fail("dir", self.dir, "must not be empty")
+
+
+@dataclass
+class DataConfig:
+    source: str = ""  # IDX folder or 'torchvision'; empty -> $DIPDDPM_DATA
+    dir: str = "data/fashion-mnist"  # the webdataset shards + manifest.json
+    shard_size: int = 2500  # 60k/2500 = 24 train shards, 4 test: divisible by 1,2,4 ranks x workers
+    num_workers: int = 2  # dataloader workers per rank
+    shuffle_buffer: int = 2000  # samples held for the in-shard shuffle
+
+    def check(self, fail):
+        if self.shard_size < 1:
+            fail("shard_size", self.shard_size, "must be >= 1")
+        if self.num_workers < 0:
+            fail("num_workers", self.num_workers, "must be >= 0")
+        if self.shuffle_buffer < 0:
+            fail("shuffle_buffer", self.shuffle_buffer, "must be >= 0")
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "dipddpm"
+    entity: Optional[str] = None
+    group: str = ""  # a launcher sets this to the submission's name
+    job_type: str = ""  # empty -> the job's name
+    name: str = ""  # empty -> the run dir's name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unet-small"  # a key of dipddpm.models.unet.UNET_CONFIGS
+
+    def check(self, fail):
+        from dipddpm.models.unet import UNET_CONFIGS  # late: keeps config importable alone
+
+        if self.name not in UNET_CONFIGS:
+            fail("name", self.name, f"unknown model; choose from {sorted(UNET_CONFIGS)}")
+
+
+@dataclass
+class DiffusionConfig:
+    T: int = 1000
+    schedule: Literal["linear", "cosine"] = "linear"
+    beta_start: float = 1e-4  # linear schedule, DDPM paper values
+    beta_end: float = 0.02
+    scale_betas: bool = True  # linear: multiply both ends by 1000/T so any T ends near pure noise
+    prediction: Literal["eps", "v"] = "eps"
+    loss: Literal["mse", "huber"] = "mse"
+
+    def check(self, fail):
+        if self.T < 1:
+            fail("T", self.T, "must be >= 1")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            fail("beta_end", self.beta_end, "need 0 < beta_start < beta_end < 1")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 15.0  # training length in passes over the train split (the study's 15)
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (the LR schedule still spans epochs)
+    batch_size: int = 128  # per process, per micro-step
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_images: int = 10_000  # linear warmup, counted in images seen (all ranks)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    clip_grad: float = 1.0  # 0 disables
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    ema_decay: float = 0.999
+    ema_start_images: int = 0  # EMA copies the weights until this many images were seen
+    log_every_images: int = 2560
+    checkpoint_every_images: int = 60_000
+    keep_checkpoints: int = 2
+    sample_every_images: int = 60_000
+    num_samples: int = 64  # images in each sample grid
+    sample_steps: int = 50  # DDIM steps for the periodic sample grids (cheap, same EMA weights)
+    compile: bool = False  # torch.compile the model (GPU runs; the first steps are slow)
+    rank_debug: bool = False  # write each rank's sample keys and weight hashes to run.dir/debug/
+
+    def check(self, fail):
+        for key in ("batch_size", "grad_accum", "log_every_images", "checkpoint_every_images",
+                    "sample_every_images", "keep_checkpoints", "sample_steps"):
+            if getattr(self, key) < 1:
+                fail(key, getattr(self, key), "must be >= 1")
+        if self.epochs <= 0 and self.max_steps is None:
+            fail("epochs", self.epochs, "must be > 0 (or set train.max_steps)")
+        if self.max_steps is not None and self.max_steps < 1:
+            fail("max_steps", self.max_steps, "must be >= 1")
+        if self.lr <= 0:
+            fail("lr", self.lr, "must be > 0")
+        if not 0 <= self.ema_decay < 1:
+            fail("ema_decay", self.ema_decay, "must be in [0, 1)")
+        if self.num_samples < 0:
+            fail("num_samples", self.num_samples, "must be >= 0")
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = ""  # a run dir or a weights file; empty -> run.dir's final EMA weights
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = 50  # DDIM steps (DDPM always runs t0..1)
+    eta: float = 0.0
+    num: int = 64
+    batch_size: int = 256
+    t0: Optional[int] = None  # start step; None -> T (pure noise)
+
+    def check(self, fail):
+        if self.steps < 1:
+            fail("steps", self.steps, "must be >= 1")
+        if self.num < 1:
+            fail("num", self.num, "must be >= 1")
+        if self.batch_size < 1:
+            fail("batch_size", self.batch_size, "must be >= 1")
+        if self.eta < 0:
+            fail("eta", self.eta, "must be >= 0")
+
+
+@dataclass
+class DIPConfig:
+    # network: the study's skip net by default (1,252,681 parameters)
+    in_channels: int = 3
+    out_channels: int = 1
+    scales: int = 3
+    channels_down: int = 128
+    channels_up: int = 128
+    channels_skip: int = 4
+    # fitting, the DIP author's denoising defaults
+    input_scale: float = 0.1  # z ~ U[0, input_scale)
+    reg_noise_std: float = 1.0 / 30
+    lr: float = 0.01
+    iters: int = 3000
+    exp_weight: float = 0.99  # EMA of outputs (not weights)
+    backtrack_db: float = 5.0  # restore the last parameters when PSNR to y drops this much; 0 off
+    stop: Literal["budget", "es_wmv"] = "budget"
+    es_window: int = 100  # ES-WMV: variance over this many outputs
+    es_patience: int = 200  # stop after this many iterations without a new variance minimum
+    # degradation of the observation
+    task: Literal["denoise", "inpaint_box", "inpaint_random"] = "denoise"
+    sigma: float = 25.0  # Gaussian noise std on the 0-255 scale
+    sigmas: list[float] = field(default_factory=lambda: [25.0, 50.0])  # fit_dip sweeps these
+    box: int = 10  # centre box side (pixels) for inpaint_box
+    keep_fraction: float = 0.5  # pixels kept for inpaint_random
+    # which images and how many at once
+    split: Literal["train", "test"] = "test"
+    num_images: int = 256
+    batch_size: int = 64  # nets fitted at once
+    record_every: int = 50  # fit_dip: PSNR table resolution in iterations
+
+    def check(self, fail):
+        for key in ("in_channels", "out_channels", "scales", "channels_down", "channels_up",
+                    "iters", "num_images", "batch_size", "record_every", "es_window"):
+            if getattr(self, key) < 1:
+                fail(key, getattr(self, key), "must be >= 1")
+        if self.channels_skip < 0:
+            fail("channels_skip", self.channels_skip, "must be >= 0")
+        if not 0 <= self.exp_weight < 1:
+            fail("exp_weight", self.exp_weight, "must be in [0, 1)")
+        if self.sigma < 0:
+            fail("sigma", self.sigma, "must be >= 0")
+        if any(s < 0 for s in self.sigmas):
+            fail("sigmas", self.sigmas, "must all be >= 0")
+        if not 0 < self.keep_fraction <= 1:
+            fail("keep_fraction", self.keep_fraction, "must be in (0, 1]")
+        if not 0 < self.box <= 28:
+            fail("box", self.box, "must be in 1..28")
+
+
+@dataclass
+class PriorsConfig:
+    name: str = "dip-sigma25"  # priors land in data.dir/priors/<name>/
+    split: Literal["train", "test"] = "test"
+    shard: Optional[int] = None  # one data shard; None -> all shards
+    sub_batch: int = 256  # images fitted together; also the resume granularity
+
+    def check(self, fail):
+        if self.sub_batch < 1:
+            fail("sub_batch", self.sub_batch, "must be >= 1")
+        if self.shard is not None and self.shard < 0:
+            fail("shard", self.shard, "must be >= 0")
+
+
+@dataclass
+class LaunchConfig:
+    partition: str = ""
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float = 4.0
+    timeout_min: int = 60
+    array_parallelism: int = 16
+    max_num_timeout: int = 3  # requeues after a timeout before giving up
+    folder: str = "runs/submissions"  # submitit logs and submission records
+    signal_delay_s: int = 90  # SIGUSR2 this long before the time limit: checkpoint and requeue
+    setup: list[str] = field(default_factory=list)  # shell lines run before each task (module load ...)
+    selftest_steps: int = 20  # jobs.selftest: steps to count, one checkpoint each
+    selftest_step_s: float = 0.5  # jobs.selftest: seconds per step
+
+    def check(self, fail):
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "timeout_min",
+                    "array_parallelism", "selftest_steps"):
+            if getattr(self, key) < 1:
+                fail(key, getattr(self, key), "must be >= 1")
+        for key in ("gpus_per_node", "max_num_timeout", "signal_delay_s", "selftest_step_s"):
+            if getattr(self, key) < 0:
+                fail(key, getattr(self, key), "must be >= 0")
+        if self.mem_gb <= 0:
+            fail("mem_gb", self.mem_gb, "must be > 0")
+        if not self.folder:
+            fail("folder", self.folder, "must not be empty")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    dip: DIPConfig = field(default_factory=DIPConfig)
+    priors: PriorsConfig = field(default_factory=PriorsConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+CLI = "command line"
+
+
+def _fmt(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _error(source: str, key: str, value, reason: str) -> ConfigError:
+    return ConfigError(f"{source}: {key} = {_fmt(value)}: {reason}")
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict]:
+    """Load a YAML file and the files it extends; return (tree, source of each leaf)."""
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: base: circular 'base:' chain through this file")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise ConfigError(f"{path}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
+    tree = {} if tree is None else tree
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(tree).__name__}")
+    base = tree.pop("base", None)
+    merged, sources = {}, {}
+    if base is not None:
+        if not isinstance(base, str):
+            raise _error(str(path), "base", base, "must be a file name")
+        merged, sources = _read_yaml((path.parent / base), chain + (path,))
+    _merge(merged, sources, tree, str(path))
+    return merged, sources
+
+
+def _merge(dst: dict, sources: dict, src: dict, source: str, prefix: str = "") -> None:
+    for key, value in src.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _merge(dst[key], sources, value, source, dotted + ".")
+        else:
+            dst[key] = copy.deepcopy(value)
+            _mark(sources, dotted, value, source)
+
+
+def _mark(sources: dict, dotted: str, value, source: str) -> None:
+    sources[dotted] = source
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _mark(sources, f"{dotted}.{k}", v, source)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"{CLI}: {text!r}: overrides look like key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the text, the schema decides whether a string is fine
+    return key.strip(), (raw, value)
+
+
+def _set_dotted(tree: dict, sources: dict, key: str, value, source: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+    _mark(sources, key, value, source)
+
+
+def _coerce(tp, value, raw: Optional[str]):
+    """Return value as type tp, or raise ValueError with the reason."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, raw)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"must be one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError("expected a list")
+        return [_coerce(args[0], v, None) for v in value]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError("expected a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("expected a number")
+        return float(value)
+    if tp is str:
+        if raw is not None:  # from the command line: take the text as typed (e.g. run.dir=007)
+            return raw
+        if isinstance(value, (dict, list)) or value is None:
+            raise ValueError("expected a string")
+        return str(value)
+    raise TypeError(f"unsupported schema type {tp}")
+
+
+def _build(cls, tree: dict, sources: dict, prefix: str, default_source: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in tree.items():
+        if key not in names:
+            dotted = f"{prefix}{key}"
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else \
+                f"{prefix.rstrip('.') or 'top level'} has {', '.join(sorted(names))}"
+            shown = value[0] if isinstance(value, tuple) else value
+            raise _error(sources.get(dotted, default_source), dotted, shown,
+                         f"unknown key; {hint}")
+    obj = cls()
+    for f in dataclasses.fields(cls):
+        if f.name not in tree:
+            continue
+        dotted = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        value = tree[f.name]
+        source = sources.get(dotted, default_source)
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise _error(source, dotted, value, "expected a section (mapping)")
+            setattr(obj, f.name, _build(tp, value, sources, dotted + ".", default_source))
+            continue
+        raw = None
+        if isinstance(value, tuple):  # (raw text, parsed) from the command line
+            raw, value = value
+        try:
+            setattr(obj, f.name, _coerce(tp, value, raw))
+        except ValueError as e:
+            raise _error(source, dotted, raw if raw is not None else value, str(e)) from None
+    return obj
+
+
+def _check(obj, sources: dict, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check(value, sources, f"{prefix}{f.name}.")
+    check = getattr(obj, "check", None)
+    if check is not None:
+        def fail(key, value, reason):
+            dotted = f"{prefix}{key}"
+            raise _error(sources.get(dotted, "defaults"), dotted, value, reason)
+        check(fail)
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] = ()) -> Config:
+    """Schema defaults <- YAML file (with its bases) <- `key=value` overrides, validated."""
+    tree, sources = ({}, {}) if path is None else _read_yaml(Path(path))
+    default_source = str(path) if path is not None else "defaults"
+    for text in overrides:
+        key, parsed = parse_override(text)
+        _set_dotted(tree, sources, key, parsed, CLI)
+    cfg = _build(Config, tree, sources, "", default_source)
+    _check(cfg, sources)
+    return cfg
+
+
+def config_from_dict(tree: dict, source: str = "config") -> Config:
+    """Build a Config from a plain dict (e.g. a resolved config.yaml or a grid point)."""
+    sources: dict = {}
+    _merge({}, sources, tree, source)
+    cfg = _build(Config, copy.deepcopy(tree), sources, "", source)
+    _check(cfg, sources)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,195 @@
+"""FashionMNIST as webdataset tar shards plus a manifest that makes a data dir verifiable.
+
+Layout of a data dir:
+  train-000000.tar ... test-000003.tar   samples {__key__: "train-000123", npy: uint8 28x28, cls: label}
+  manifest.json                          counts per split and class, per shard: count, first index, sha256
+
+manifest.json is written last, atomically: it is the mark of a complete data dir. Shards are
+written to temporary names and renamed; finished shards are recorded in .manifest.partial.json
+as they land, so a killed run resumes where it stopped. Tar members carry fixed metadata
+(mtime 0), so rebuilding a shard from the same input reproduces its sha256 exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dipddpm.data.idx import NUM_CLASSES, DataError
+from dipddpm.runs import atomic_path, atomic_write_json, read_json
+
+MANIFEST = "manifest.json"
+PARTIAL = ".manifest.partial.json"
+SHARD_RE = re.compile(r"^(train|test)-\d{6}\.tar$")
+SPLITS = ("train", "test")
+
+
+def shard_name(split: str, i: int) -> str:
+    return f"{split}-{i:06d}.tar"
+
+
+def sample_key(split: str, index: int) -> str:
+    return f"{split}-{index:06d}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _npy_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(image, dtype=np.uint8), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _write_shard(path: Path, split: str, first: int, images: np.ndarray, labels: np.ndarray):
+    import webdataset as wds
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            with wds.TarWriter(f, mtime=0, user="", group="") as sink:
+                for i, (image, label) in enumerate(zip(images, labels)):
+                    sink.write({"__key__": sample_key(split, first + i),
+                                "npy": _npy_bytes(image), "cls": int(label)})
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _plan(split: str, n: int, shard_size: int) -> list[dict]:
+    return [{"name": shard_name(split, i), "first": start, "count": min(shard_size, n - start)}
+            for i, start in enumerate(range(0, n, shard_size))]
+
+
+def _fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    return hashlib.sha256(images.tobytes() + labels.astype(np.uint8).tobytes()).hexdigest()
+
+
+def write_dataset(out_dir: str | os.PathLike, arrays: dict, shard_size: int,
+                  progress: bool = True) -> tuple[dict, int]:
+    """Write (or finish, or repair) the shards of every split in `arrays` and the manifest.
+
+    `arrays` maps split -> (images uint8 [N,28,28], labels int [N]), already validated.
+    Shards that verify against the recorded sha256 are kept; everything else is rebuilt.
+    Returns the manifest and how many shards were kept.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = {s: {"fingerprint": _fingerprint(*arrays[s]), "plan": _plan(s, len(arrays[s][0]), shard_size)}
+              for s in SPLITS if s in arrays}
+    recorded = _recorded_entries(out, splits)
+    # While anything is rebuilt the dir must not look complete: drop the manifest first.
+    if (out / MANIFEST).exists():
+        os.unlink(out / MANIFEST)
+    planned = {e["name"] for s in splits.values() for e in s["plan"]}
+    for stale in out.iterdir():  # shards of an older plan, temp files of a killed run
+        if (SHARD_RE.match(stale.name) and stale.name not in planned) or \
+                (stale.name.startswith(".") and stale.name.endswith(".tmp")):
+            stale.unlink()
+
+    done: dict[str, dict] = {}
+    kept = 0
+    todo = [(s, e) for s, info in splits.items() for e in info["plan"]]
+    bar = tqdm(todo, desc=f"shards -> {out}", unit="shard", disable=not progress)
+    for split, entry in bar:
+        name, path = entry["name"], out / entry["name"]
+        rec = recorded.get(name)
+        if rec and path.exists() and sha256_file(path) == rec["sha256"]:
+            done[name] = rec
+            kept += 1
+            continue
+        images, labels = arrays[split]
+        sl = slice(entry["first"], entry["first"] + entry["count"])
+        _write_shard(path, split, entry["first"], images[sl], labels[sl])
+        done[name] = dict(entry, sha256=sha256_file(path),
+                          per_class=_per_class(labels[sl]), fingerprint=splits[split]["fingerprint"])
+        atomic_write_json(out / PARTIAL, {"shard_size": shard_size, "shards": done})
+    manifest = {
+        "format": 1,
+        "dataset": "fashion-mnist",
+        "sample": {"key": "<split>-<index:06d>", "npy": "uint8 [28, 28]", "cls": "int 0..9"},
+        "shard_size": shard_size,
+        "splits": {
+            s: {"count": len(arrays[s][0]), "per_class": _per_class(arrays[s][1]),
+                "fingerprint": info["fingerprint"],
+                "shards": [done[e["name"]] for e in info["plan"]]}
+            for s, info in splits.items()
+        },
+    }
+    atomic_write_json(out / MANIFEST, manifest)
+    if (out / PARTIAL).exists():
+        os.unlink(out / PARTIAL)
+    return manifest, kept
+
+
+def _per_class(labels: np.ndarray) -> dict:
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=NUM_CLASSES)
+    return {str(c): int(n) for c, n in enumerate(counts)}
+
+
+def _recorded_entries(out: Path, splits: dict) -> dict:
+    """Shard entries from an earlier manifest or partial run that still match the plan."""
+    entries = {}
+    for name in (MANIFEST, PARTIAL):
+        path = out / name
+        if not path.exists():
+            continue
+        try:
+            data = read_json(path)
+        except (OSError, ValueError):
+            continue  # unreadable bookkeeping: rebuild what it described
+        if name == MANIFEST:
+            for s in data.get("splits", {}).values():
+                for e in s.get("shards", []):
+                    entries[e["name"]] = dict(e, fingerprint=s.get("fingerprint"))
+        else:
+            entries.update(data.get("shards", {}))
+    planned = {e["name"]: (s, e) for s, info in splits.items() for e in info["plan"]}
+    keep = {}
+    for name, e in entries.items():
+        if name not in planned:
+            continue
+        split, plan = planned[name]
+        same = (e.get("first") == plan["first"] and e.get("count") == plan["count"]
+                and e.get("fingerprint") == splits[split]["fingerprint"] and "sha256" in e)
+        if same:
+            keep[name] = e
+    return keep
+
+
+def load_manifest(data_dir: str | os.PathLike) -> dict:
+    path = Path(data_dir) / MANIFEST
+    if not path.exists():
+        raise DataError(f"{path}: missing; data.dir is not a complete data dir "
+                        f"(run: python -m jobs.prepare_data --source SRC --out {data_dir})")
+    try:
+        return read_json(path)
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def split_shards(manifest: dict, split: str, data_dir) -> list[dict]:
+    if split not in manifest["splits"]:
+        raise DataError(f"{Path(data_dir) / MANIFEST}: no split {split!r} "
+                        f"(has {', '.join(manifest['splits'])})")
+    return manifest["splits"][split]["shards"]
+
+
+def verify_dataset(data_dir: str | os.PathLike) -> list[str]:
+    """Names of shards that are missing or whose sha256 differs from the manifest."""
+    manifest = load_manifest(data_dir)
+    bad = []
+    for split in manifest["splits"]:
+        for e in split_shards(manifest, split, data_dir):
+            path = Path(data_dir) / e["name"]
+            if not path.exists() or sha256_file(path) != e["sha256"]:
+                bad.append(e["name"])
+    return bad

@@ -1,0 +1,172 @@
+"""Streaming the shards: split by rank and by dataloader worker, shuffled per epoch.
+
+Who reads what, for a given (seed, epoch):
+  1. the split's shard list is shuffled with Random(seed, epoch), identically on every rank;
+  2. rank r takes shards[r::world_size]; worker w of that rank takes those[w::num_workers];
+  3. each worker shuffles its samples through a buffer seeded by (seed, epoch, rank, worker).
+So the order is a pure function of (seed, epoch, world_size, num_workers): a resumed run can
+replay it and skip the batches it already consumed.
+
+Exactly once: when the shards all hold the same number of samples and their count is
+divisible by world_size x num_workers, every sample is seen once per epoch across ranks.
+Otherwise ranks would hold different sample counts, and DDP hangs when one rank runs out of
+batches first; so every rank computes all ranks' batch counts from the manifest and stops
+at the smallest. The samples past that point on the larger ranks are skipped for this epoch
+(a different set each epoch, since the shard order is reshuffled).
+
+The loader is deliberately not an `accelerator.prepare()` object: Accelerate would shard the
+already-sharded stream again (see INFRA.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dipddpm.data.shards import load_manifest, split_shards
+
+
+def epoch_seed(*parts: int) -> int:
+    """One 63-bit seed from several integers (stable across processes and Python runs)."""
+    return int.from_bytes(
+        hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def assign_shards(shards: list, *, seed: int, epoch: int, rank: int, world_size: int,
+                  worker: int, num_workers: int) -> list:
+    order = list(shards)
+    random.Random(epoch_seed(seed, epoch)).shuffle(order)
+    return order[rank::world_size][worker::max(num_workers, 1)]
+
+
+def _batches_for(counts: list[int], batch_size: int) -> int:
+    return math.ceil(sum(counts) / batch_size) if counts else 0
+
+
+def rank_batches(shards: list[dict], batch_size: int, *, seed: int, epoch: int, rank: int,
+                 world_size: int, num_workers: int) -> int:
+    """Batches rank `rank` would produce: each worker batches its own samples."""
+    return sum(
+        _batches_for([e["count"] for e in assign_shards(
+            shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+            worker=w, num_workers=num_workers)], batch_size)
+        for w in range(max(num_workers, 1)))
+
+
+def _shuffled(samples, bufsize: int, rng: random.Random):
+    """Reservoir-style buffer shuffle: deterministic for a given rng."""
+    if bufsize <= 1:
+        yield from samples
+        return
+    buf = []
+    for s in samples:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ShardStream(IterableDataset):
+    """Yields uint8 batches {"image": [B,28,28], "label": [B], "key": [...]} of one rank."""
+
+    def __init__(self, data_dir, shards: list[dict], batch_size: int, *, seed: int, epoch: int,
+                 rank: int, world_size: int, num_workers: int, shuffle_buffer: int):
+        self.data_dir = Path(data_dir)
+        self.shards = shards
+        self.batch_size = batch_size
+        self.seed, self.epoch = seed, epoch
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+
+    def __iter__(self):
+        from webdataset.tariterators import tarfile_samples
+
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        mine = assign_shards(self.shards, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                             world_size=self.world_size, worker=worker,
+                             num_workers=self.num_workers)
+        urls = [{"url": str(self.data_dir / e["name"])} for e in mine]
+        samples = tarfile_samples(iter(urls))
+        rng = random.Random(epoch_seed(self.seed, self.epoch, self.rank, worker))
+        samples = _shuffled(samples, self.shuffle_buffer, rng)
+        while True:
+            chunk = list(itertools.islice(samples, self.batch_size))
+            if not chunk:
+                return
+            yield {
+                "image": torch.from_numpy(np.stack([np.load(io.BytesIO(s["npy"])) for s in chunk])),
+                "label": torch.tensor([int(s["cls"]) for s in chunk], dtype=torch.int64),
+                "key": [s["__key__"] for s in chunk],
+            }
+
+
+class EpochLoader:
+    """One epoch of one rank: `len()` batches, images float32 [B,1,28,28] in [-1, 1]."""
+
+    def __init__(self, data_dir, split: str, batch_size: int, *, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, seed: int = 0, epoch: int = 0,
+                 shuffle_buffer: int = 0, skip_batches: int = 0):
+        manifest = load_manifest(data_dir)
+        shards = split_shards(manifest, split, data_dir)
+        common = dict(seed=seed, epoch=epoch, world_size=world_size, num_workers=num_workers)
+        self.num_batches = min(rank_batches(shards, batch_size, rank=r, **common)
+                               for r in range(world_size))
+        self.skip_batches = skip_batches
+        self.dataset = ShardStream(data_dir, shards, batch_size, rank=rank,
+                                   shuffle_buffer=shuffle_buffer, **common)
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                            prefetch_factor=4 if self.num_workers else None)
+        batches = itertools.islice(loader, self.skip_batches, self.num_batches)
+        for batch in batches:
+            image = batch["image"].unsqueeze(1).float().div_(127.5).sub_(1.0)
+            yield {"image": image, "label": batch["label"], "key": batch["key"]}
+
+
+def make_loader(data_dir, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                num_workers: int = 0, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 0,
+                skip_batches: int = 0) -> EpochLoader:
+    return EpochLoader(data_dir, split, batch_size, rank=rank, world_size=world_size,
+                       num_workers=num_workers, seed=seed, epoch=epoch,
+                       shuffle_buffer=shuffle_buffer, skip_batches=skip_batches)
+
+
+def batches_per_epoch(data_dir, split: str, batch_size: int, *, rank: int = 0,
+                      world_size: int = 1, num_workers: int = 0, seed: int = 0, epoch: int = 0,
+                      shuffle_buffer: int = 0) -> int:
+    return len(make_loader(data_dir, split, batch_size, rank=rank, world_size=world_size,
+                           num_workers=num_workers, seed=seed, epoch=epoch,
+                           shuffle_buffer=shuffle_buffer))
+
+
+def load_split(data_dir, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every sample of a split in index order: (images uint8 [N,28,28], labels int64, keys)."""
+    from webdataset.tariterators import tarfile_samples
+
+    manifest = load_manifest(data_dir)
+    shards = split_shards(manifest, split, data_dir)
+    urls = [{"url": str(Path(data_dir) / e["name"])} for e in shards]
+    images, labels, keys = [], [], []
+    for s in tarfile_samples(iter(urls)):
+        images.append(np.load(io.BytesIO(s["npy"])))
+        labels.append(int(s["cls"]))
+        keys.append(s["__key__"])
+    return np.stack(images), np.asarray(labels, dtype=np.int64), keys
