@@ -178,6 +178,7 @@ class DIPConfig:
     iters: int = 3000
     exp_weight: float = 0.99  # EMA of outputs (not weights)
     backtrack_db: float = 5.0  # restore the last parameters when PSNR to y drops this much; 0 off
+    snapshot_every: int = 10  # iterations between backtracking snapshots (params + Adam state)
     stop: Literal["budget", "es_wmv"] = "budget"
     es_window: int = 100  # ES-WMV: variance over this many outputs
     es_patience: int = 200  # stop after this many iterations without a new variance minimum
@@ -195,13 +196,24 @@ class DIPConfig:
 
     def check(self, fail):
         for key in ("in_channels", "out_channels", "scales", "channels_down", "channels_up",
-                    "iters", "num_images", "batch_size", "record_every", "es_window"):
+                    "iters", "num_images", "batch_size", "record_every", "es_window",
+                    "snapshot_every"):
             if getattr(self, key) < 1:
                 fail(key, getattr(self, key), "must be >= 1")
         if self.channels_skip < 0:
             fail("channels_skip", self.channels_skip, "must be >= 0")
+        side = 28  # each scale halves (rounding up); reflection padding needs maps >= 2x2
+        for _ in range(self.scales):
+            side = (side - 1) // 2 + 1
+        if side < 2:
+            fail("scales", self.scales, "at most 4 at 28x28 (the deepest map must stay >= 2x2)")
         if not 0 <= self.exp_weight < 1:
             fail("exp_weight", self.exp_weight, "must be in [0, 1)")
+        for key in ("backtrack_db", "reg_noise_std", "input_scale", "es_patience"):
+            if getattr(self, key) < 0:
+                fail(key, getattr(self, key), "must be >= 0")
+        if self.lr <= 0:
+            fail("lr", self.lr, "must be > 0")
         if self.sigma < 0:
             fail("sigma", self.sigma, "must be >= 0")
         if any(s < 0 for s in self.sigmas):
@@ -258,6 +270,39 @@ class LaunchConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    # The FashionMNIST CNN whose penultimate layer gives the FID/KID/memorisation features.
+    dir: str = ""  # checkpoint + feature caches; empty -> <data.dir>/classifier
+    epochs: float = 2.0  # passes over the train split (~90% test accuracy, a few CPU minutes)
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (quick tests)
+    batch_size: int = 128
+    lr: float = 1e-3  # Adam
+    feature_dim: int = 128  # width of the penultimate layer = the feature vector
+    force: bool = False  # retrain even when a verified checkpoint with these settings exists
+    fid_num: int = 1000  # N for the FID/KID of a set of samples (state it with every FID)
+    kid_subset: int = 1000  # KID: images per subset (capped at the set size)
+    kid_subsets: int = 100  # KID: number of random subsets averaged
+    # jobs.train_classifier computes (and caches) the real-vs-real FID floor at these N
+    floor_ns: list[int] = field(default_factory=lambda: [1000, 5000])
+
+    def check(self, fail):
+        for key in ("batch_size", "feature_dim", "fid_num", "kid_subset", "kid_subsets"):
+            if getattr(self, key) < 1:
+                fail(key, getattr(self, key), "must be >= 1")
+        if self.epochs <= 0 and self.max_steps is None:
+            fail("epochs", self.epochs, "must be > 0 (or set classifier.max_steps)")
+        if self.max_steps is not None and self.max_steps < 1:
+            fail("max_steps", self.max_steps, "must be >= 1")
+        if self.lr <= 0:
+            fail("lr", self.lr, "must be > 0")
+        if any(n < 2 for n in self.floor_ns):
+            fail("floor_ns", self.floor_ns, "every N must be >= 2")
+        for key in ("fid_num", "kid_subset"):
+            if getattr(self, key) < 2:
+                fail(key, getattr(self, key), "FID and KID need at least 2 images")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -269,6 +314,7 @@ class Config:
     dip: DIPConfig = field(default_factory=DIPConfig)
     priors: PriorsConfig = field(default_factory=PriorsConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

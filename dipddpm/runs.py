@@ -21,6 +21,8 @@ METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 SAMPLES_DIR = "samples"
 CHECKPOINTS_DIR = "checkpoints"
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: os.umask can only be read by setting it
 
 
 @contextmanager
@@ -32,6 +34,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; others on a cluster must read it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

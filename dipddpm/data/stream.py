@@ -157,16 +157,19 @@ def batches_per_epoch(data_dir, split: str, batch_size: int, *, rank: int = 0,
                            shuffle_buffer=shuffle_buffer))
 
 
-def load_split(data_dir, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Every sample of a split in index order: (images uint8 [N,28,28], labels int64, keys)."""
+def read_shards(paths) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every sample of the given shard files, in file order: (images uint8, labels, keys)."""
     from webdataset.tariterators import tarfile_samples
 
-    manifest = load_manifest(data_dir)
-    shards = split_shards(manifest, split, data_dir)
-    urls = [{"url": str(Path(data_dir) / e["name"])} for e in shards]
     images, labels, keys = [], [], []
-    for s in tarfile_samples(iter(urls)):
+    for s in tarfile_samples(iter([{"url": str(p)} for p in paths])):
         images.append(np.load(io.BytesIO(s["npy"])))
         labels.append(int(s["cls"]))
         keys.append(s["__key__"])
     return np.stack(images), np.asarray(labels, dtype=np.int64), keys
+
+
+def load_split(data_dir, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every sample of a split in index order: (images uint8 [N,28,28], labels int64, keys)."""
+    shards = split_shards(load_manifest(data_dir), split, data_dir)
+    return read_shards(Path(data_dir) / e["name"] for e in shards)

@@ -1,0 +1,1 @@
+"""Command lines over dipddpm.launch: `python -m launch.submit`, `python -m launch.status`."""
