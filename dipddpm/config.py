@@ -115,6 +115,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     ema_decay: float = 0.999
     ema_start_images: int = 0  # EMA copies the weights until this many images were seen
+    ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)): early EMA follows the net
     log_every_images: int = 2560
     checkpoint_every_images: int = 60_000
     keep_checkpoints: int = 2
@@ -303,6 +304,50 @@ class ClassifierConfig:
 
 
 @dataclass
+class ProtocolConfig:
+    # The restoration and generation protocols (dipddpm/protocols): what to sweep and on what.
+    checkpoint: str = ""  # trained DDPM: a run dir or EMA weights file; empty -> run.dir
+    num_images: int = 32  # restoration: the first N images of `split` (the same for every arm)
+    split: Literal["train", "test"] = "test"
+    tasks: list[str] = field(default_factory=lambda: ["denoise", "inpaint_box"])
+    sigmas: list[float] = field(default_factory=lambda: [25.0, 50.0])  # denoising, 0-255 scale
+    t0s: list[int] = field(default_factory=lambda: [50, 100, 200])  # DIP/cheap start, 1-indexed
+    steps: list[int] = field(default_factory=lambda: [5, 10, 20, 50])  # K reverse steps (NFE <= t0)
+    samplers: list[str] = field(default_factory=lambda: ["ddpm", "ddim"])  # ddpm = eta 1, ddim = eta 0
+    blur_sigma: float = 1.0  # the cheap estimate: Gaussian blur of y (pixels); hole filled by blur
+    inpaint_consistency: bool = True  # RePaint-style: re-impose the noised known pixels each step
+    priors_dir: str = ""  # restoration DIP estimates from jobs.precompute_priors; empty -> fit here
+    batch_size: int = 256  # images per reverse-chain batch
+    # generation
+    gen_num: int = 1000  # N samples per arm for FID/KID (every FID states N and its floor)
+    gen_ddim_steps: list[int] = field(default_factory=lambda: [10, 20, 50, 100])
+    gen_ddpm: bool = True  # also the full T-step ancestral DDPM from noise (T NFE per sample)
+    gen_t0s: list[int] = field(default_factory=lambda: [100, 250, 500])  # DIP start from train priors
+    gen_steps: int = 50  # DDIM steps of the DIP-start chains (NFE = min(gen_steps, t0))
+    gen_priors_dir: str = ""  # priors of TRAINING images; empty -> fit gen_num of them here
+
+    def check(self, fail):
+        from dipddpm.dip.degrade import TASKS  # late: keeps config importable alone
+
+        for key in ("num_images", "batch_size", "gen_num", "gen_steps"):
+            if getattr(self, key) < 1:
+                fail(key, getattr(self, key), "must be >= 1")
+        if not self.tasks or any(t not in TASKS for t in self.tasks):
+            fail("tasks", self.tasks, f"each must be one of {', '.join(TASKS)}")
+        if any(s <= 0 for s in self.sigmas):
+            fail("sigmas", self.sigmas, "must all be > 0 (denoising noise std, 0-255 scale)")
+        for key in ("t0s", "steps", "gen_ddim_steps", "gen_t0s"):
+            if any(v < 1 for v in getattr(self, key)):
+                fail(key, getattr(self, key), "must all be >= 1")
+        if not self.samplers or any(s not in ("ddpm", "ddim") for s in self.samplers):
+            fail("samplers", self.samplers, "each must be ddpm or ddim")
+        if not 0 < self.blur_sigma <= 9:  # reflection padding of radius 3 sigma needs < 28 px
+            fail("blur_sigma", self.blur_sigma, "must be in (0, 9] pixels")
+        if self.gen_num < 2:
+            fail("gen_num", self.gen_num, "FID and KID need at least 2 images")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -315,6 +360,7 @@ class Config:
     priors: PriorsConfig = field(default_factory=PriorsConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

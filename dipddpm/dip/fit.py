@@ -1,0 +1,342 @@
+"""Fitting the DIP to observations: one net at a time, or B independent nets at once.
+
+One iteration, the DIP author's denoising loop: input z ~ U[0, input_scale) fixed per net plus
+fresh N(0, reg_noise_std^2) jitter; forward; MSE to the observation (masked for inpainting);
+output EMA (an average of outputs, not of weights); PSNR of the raw output to the observation,
+and of the raw output and the estimate to the clean image when known; then either a step of
+Adam or, when the PSNR to the observation fell more than `backtrack_db` below the last accepted
+iteration's, a restore of the net's last snapshot (parameters and Adam state) instead.
+Snapshots are taken at accepted iterations every `snapshot_every` iterations: a snapshot
+copies parameters and both Adam moments, which on a CPU costs more than the Adam step itself.
+
+`fit_single` is the plain reference: an nn.Module and torch.optim.Adam. `fit_batch` stacks the
+B nets' parameters and runs them as grouped convolutions (each net's channels a group, see
+`dipddpm.models.dip.grouped_forward`) with one fused Adam over per-net views, so each net's
+numbers are those it would get alone: its randomness is a pure function of its seed (see
+`seeds.py`), and a net that stops leaves the stack with its result fixed.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, fields
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch.optim.adam import adam as adam_functional
+
+from dipddpm.dip.metrics import psnr
+from dipddpm.dip.seeds import hash_normal, hash_uniform
+from dipddpm.dip.stopping import EsWmv
+from dipddpm.models.dip import SkipNet, SkipSpec, grouped_forward, stack_params
+
+BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as in the DIP author's code
+EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    input_scale: float = 0.1
+    reg_noise_std: float = 1.0 / 30
+    lr: float = 0.01
+    iters: int = 3000
+    exp_weight: float = 0.99
+    backtrack_db: float = 5.0  # 0 turns backtracking off
+    snapshot_every: int = 10
+    stop: str = "budget"  # or "es_wmv": each net stops on its own ES-WMV signal
+    es_window: int = 100
+    es_patience: int = 200
+
+    @classmethod
+    def from_config(cls, dip, **overrides) -> "FitSettings":
+        kw = {f.name: getattr(dip, f.name) for f in fields(cls) if hasattr(dip, f.name)}
+        kw.update(overrides)
+        return cls(**kw)
+
+
+@dataclass
+class FitResult:
+    """Everything per net (column b = net b); iterations counted from 1; NaN after a stop."""
+    estimate: torch.Tensor  # [B, C, H, W] at each net's stop: the EMA output (raw if
+    # exp_weight=0) at the budget; with stop='es_wmv' the raw output at ES-WMV's pick
+    stop_iter: torch.Tensor  # [B] the iteration whose estimate is reported
+    psnr_obs: torch.Tensor  # [T, B] raw output vs observation (masked)
+    psnr_raw: torch.Tensor  # [T, B] raw output vs clean (NaN without a clean image)
+    psnr_est: torch.Tensor  # [T, B] estimate vs clean
+    es_iter: torch.Tensor  # [B] iteration ES-WMV picked (0: window never filled)
+    es_psnr: torch.Tensor  # [B] raw output vs clean at es_iter
+    backtracks: torch.Tensor  # [B] restores done
+
+
+def make_net(spec: SkipSpec, seed: int) -> SkipNet:
+    """A net initialised from its own seed, whatever the global RNG state is."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SkipNet(spec)
+
+
+def net_input(seeds, shape, s: FitSettings, dtype, device) -> torch.Tensor:
+    return hash_uniform(seeds, 0, shape, dtype, device) * s.input_scale
+
+
+def jittered(z: torch.Tensor, seeds, t: int, s: FitSettings) -> torch.Tensor:
+    if s.reg_noise_std <= 0:
+        return z
+    return z + s.reg_noise_std * hash_normal(seeds, t + 1, z.shape[1:], z.dtype, z.device)
+
+
+class _Monitor:
+    """EMA, PSNR records, ES-WMV and stop decisions for the nets still running (`active`)."""
+
+    def __init__(self, y, mask, clean, s: FitSettings):
+        b, dev = y.shape[0], y.device
+        self.s, self.y, self.mask, self.clean = s, y, mask, clean
+        nan = lambda: torch.full((s.iters, b), math.nan, dtype=torch.float64, device=dev)  # noqa
+        self.psnr_obs, self.psnr_raw, self.psnr_est = nan(), nan(), nan()
+        self.active = torch.arange(b, device=dev)
+        self.ema: Optional[torch.Tensor] = None
+        self.es = EsWmv(b, s.es_window, s.es_patience, dev)
+        self.estimate = torch.zeros_like(y)
+        self.es_estimate = torch.zeros_like(y)
+        self.stop_iter = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.es_iter = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.es_psnr = torch.full((b,), math.nan, dtype=torch.float64, device=dev)
+
+    def observe(self, t: int, out: torch.Tensor):
+        """Record iteration t (0-based) of the active nets; return (psnr to y [A], stop [A])."""
+        s, a = self.s, self.active
+        w = s.exp_weight
+        self.ema = out.clone() if self.ema is None else self.ema * w + out * (1 - w)
+        obs = psnr(out, self.y[a], self.mask[a])
+        self.psnr_obs[t, a] = obs.to(torch.float64)
+        raw_psnr = None
+        if self.clean is not None:
+            raw_psnr = psnr(out, self.clean[a]).to(torch.float64)
+            self.psnr_raw[t, a] = raw_psnr
+            self.psnr_est[t, a] = psnr(self.ema, self.clean[a]).to(torch.float64)
+        new_min, es_stop = self.es.update(out, t + 1)
+        if new_min.any():
+            # ES-WMV picks an iteration by the variance of the raw outputs and returns the raw
+            # output there: the EMA lags behind it (at sigma 50 by ~2 dB at the pick)
+            idx = a[new_min]
+            self.es_estimate[idx] = out[new_min]
+            self.es_iter[idx] = t + 1
+            if raw_psnr is not None:
+                self.es_psnr[idx] = raw_psnr[new_min]
+        stop = es_stop if s.stop == "es_wmv" else torch.zeros_like(es_stop)
+        if t + 1 == s.iters:
+            stop = torch.ones_like(stop)
+        if stop.any():
+            idx = a[stop]
+            use_es = self.es_iter[idx] > 0
+            if s.stop != "es_wmv":
+                use_es = torch.zeros_like(use_es)
+            self.estimate[idx] = torch.where(use_es[:, None, None, None], self.es_estimate[idx],
+                                             self.ema[stop])
+            self.stop_iter[idx] = torch.where(use_es, self.es_iter[idx], t + 1)
+        return obs, stop
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.active = self.active[keep]
+        self.ema = self.ema[keep]
+        self.es.select(keep)
+
+    def result(self, backtracks: torch.Tensor) -> FitResult:
+        cpu = lambda x: x.detach().cpu()  # noqa
+        return FitResult(cpu(self.estimate), cpu(self.stop_iter), cpu(self.psnr_obs),
+                         cpu(self.psnr_raw), cpu(self.psnr_est), cpu(self.es_iter),
+                         cpu(self.es_psnr), cpu(backtracks))
+
+
+def _fused_available(device) -> bool:
+    # fused Adam: one pass over params, grads and moments; ~10x faster than foreach on a CPU
+    dev = torch.device(device)
+    return dev.type in ("cuda", "cpu") and hasattr(torch, "_fused_adam_")
+
+
+def _prepare(y, mask, clean, dtype, device):
+    y = torch.as_tensor(y).to(device, dtype)
+    mask = torch.ones_like(y) if mask is None else torch.as_tensor(mask).to(device, dtype)
+    clean = None if clean is None else torch.as_tensor(clean).to(device, dtype)
+    return y, mask, clean
+
+
+# ----------------------------------------------------------------------------- one net
+
+
+def fit_single(y, mask, clean, seed: int, spec: SkipSpec, s: FitSettings, *,
+               dtype=torch.float32, device="cpu",
+               on_iter: Optional[Callable[[int], None]] = None) -> FitResult:
+    """Fit one net (seed) to one observation y [1, C, H, W]; the reference for fit_batch."""
+    y, mask, clean = _prepare(y, mask, clean, dtype, device)
+    net = make_net(spec, seed).to(device, dtype)
+    z = net_input([seed], (spec.in_channels, *y.shape[2:]), s, dtype, device)
+    opt = torch.optim.Adam(net.parameters(), lr=s.lr, betas=BETAS, eps=EPS,
+                           fused=_fused_available(device))
+    mon = _Monitor(y, mask, clean, s)
+    backtracks = torch.zeros(1, dtype=torch.int64)
+    ref, snap = None, None
+    for t in range(s.iters):
+        out = net(jittered(z, [seed], t, s))
+        loss = ((out - y) ** 2 * mask).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        obs, stop = mon.observe(t, out.detach())
+        obs = float(obs[0])
+        if s.backtrack_db > 0 and ref is not None and obs < ref - s.backtrack_db:
+            net.load_state_dict(snap[0])
+            # load_state_dict keeps the given state tensors (no copy) and Adam then steps them
+            # in place: hand it a copy, or the snapshot drifts with every later step
+            opt.load_state_dict(copy.deepcopy(snap[1]))
+            ref = snap[2]
+            backtracks += 1
+        else:
+            ref = obs
+            if t % s.snapshot_every == 0:
+                snap = (copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict()), obs)
+            opt.step()
+        if on_iter is not None:
+            on_iter(t)
+        if bool(stop[0]):
+            break
+    return mon.result(backtracks)
+
+
+# ----------------------------------------------------------------------------- B nets at once
+
+
+class _Stack:
+    """Parameters, Adam moments and snapshots of A nets, each tensor [A*rows, ...]."""
+
+    def __init__(self, params: dict[str, torch.Tensor], a: int):
+        self.a = a
+        self.p = params
+        self.m = {n: torch.zeros_like(t) for n, t in params.items()}
+        self.v = {n: torch.zeros_like(t) for n, t in params.items()}
+        self.steps = torch.zeros(a, dtype=torch.int64)  # per-net Adam step count
+        self.snap: Optional[tuple] = None
+
+    def tensors(self):
+        return (self.p, self.m, self.v)
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(self.a, -1)
+
+    def take_snapshot(self):
+        if self.snap is None:
+            self.snap = tuple({n: t.detach().clone() for n, t in d.items()} for d in self.tensors())
+        else:
+            for d, sd in zip(self.tensors(), self.snap):
+                for n in d:
+                    sd[n].copy_(d[n].detach())
+        self.snap_steps = self.steps.clone()
+
+    def restore(self, bad: torch.Tensor):
+        with torch.no_grad():
+            for d, sd in zip(self.tensors(), self.snap):
+                for n in d:
+                    self.rows(d[n])[bad] = self.rows(sd[n])[bad]
+        self.steps[bad.cpu()] = self.snap_steps[bad.cpu()]
+
+    def select(self, keep: torch.Tensor):
+        def sel(t):
+            return self.rows(t)[keep].reshape(-1, *t.shape[1:]).contiguous()
+        n_keep = len(keep)
+        self.p = {n: sel(t.detach()).requires_grad_(True) for n, t in self.p.items()}
+        self.m = {n: sel(t) for n, t in self.m.items()}
+        self.v = {n: sel(t) for n, t in self.v.items()}
+        if self.snap is not None:
+            self.snap = tuple({n: sel(t) for n, t in d.items()} for d in self.snap)
+            self.snap_steps = self.snap_steps[keep.cpu()]
+        self.steps = self.steps[keep.cpu()]
+        self.a = n_keep
+
+    def adam_step(self, grads: dict[str, torch.Tensor], good: torch.Tensor, lr: float):
+        """One Adam step for the nets in `good`; the others do not change."""
+        names = list(self.p)
+        good_cpu = good.cpu()
+        idx = torch.nonzero(good_cpu).flatten().tolist()
+        if not idx:
+            return
+        steps = self.steps
+        same = len(idx) == self.a and bool((steps == steps[0]).all())
+        if same:
+            ps = [self.p[n].detach() for n in names]
+            gs = [grads[n] for n in names]
+            ms = [self.m[n] for n in names]
+            vs = [self.v[n] for n in names]
+            st = [torch.tensor(float(steps[0])) for _ in names]
+        else:
+            ps, gs, ms, vs, st = [], [], [], [], []
+            rows = {n: (self.rows(self.p[n].detach()), self.rows(grads[n]),
+                        self.rows(self.m[n]), self.rows(self.v[n])) for n in names}
+            for b in idx:
+                for n in names:
+                    p, g, m, v = rows[n]
+                    ps.append(p[b]), gs.append(g[b]), ms.append(m[b]), vs.append(v[b])
+                    st.append(torch.tensor(float(steps[b])))
+        if ps[0].device.type == "cuda":
+            st = [x.to(ps[0].device) for x in st]
+        with torch.no_grad():
+            adam_functional(ps, gs, ms, vs, [], st, fused=_fused_available(ps[0].device),
+                            amsgrad=False, beta1=BETAS[0], beta2=BETAS[1], lr=lr,
+                            weight_decay=0.0, eps=EPS, maximize=False)
+        self.steps[good_cpu] += 1
+
+
+def fit_batch(y, mask, clean, seeds: Sequence[int], spec: SkipSpec, s: FitSettings, *,
+              dtype=torch.float32, device="cpu",
+              on_iter: Optional[Callable[[int], None]] = None) -> FitResult:
+    """Fit len(seeds) independent nets to observations y [B, C, H, W] (mask, clean alike)."""
+    y, mask, clean = _prepare(y, mask, clean, dtype, device)
+    b = len(seeds)
+    if y.shape[0] != b:
+        raise ValueError(f"{len(seeds)} seeds for {y.shape[0]} observations")
+    template = make_net(spec, seeds[0])  # structure only; its own parameters are not used
+    params = stack_params([make_net(spec, sd) for sd in seeds])
+    stack = _Stack({n: t.to(device, dtype).requires_grad_(True) for n, t in params.items()}, b)
+    del params
+    h, w = y.shape[2:]
+    cin, cout = spec.in_channels, spec.out_channels
+    seed_t = torch.tensor(list(seeds), dtype=torch.int64, device=device)
+    z = net_input(seed_t, (cin, h, w), s, dtype, device)
+    mon = _Monitor(y, mask, clean, s)
+    backtracks = torch.zeros(b, dtype=torch.int64, device=device)
+    ref = torch.full((b,), math.nan, dtype=torch.float64, device=device)  # NaN: nothing to compare
+    snap_ref = ref.clone()
+    for t in range(s.iters):
+        a_idx = mon.active
+        na = stack.a
+        x = jittered(z, seed_t, t, s).reshape(1, na * cin, h, w)
+        out = grouped_forward(template, stack.p, x, na).reshape(na, cout, h, w)
+        loss = (((out - y[a_idx]) ** 2) * mask[a_idx]).mean((1, 2, 3)).sum()
+        names = list(stack.p)
+        grads = dict(zip(names, torch.autograd.grad(loss, [stack.p[n] for n in names])))
+        obs, stop = mon.observe(t, out.detach())
+        obs = obs.to(torch.float64)
+        if s.backtrack_db > 0:
+            bad = obs < ref - s.backtrack_db  # False where ref is NaN
+        else:
+            bad = torch.zeros(na, dtype=torch.bool, device=device)
+        if bad.any():
+            stack.restore(bad)
+            ref = torch.where(bad, snap_ref, ref)
+            backtracks[a_idx[bad]] += 1
+        good = ~bad
+        ref = torch.where(good, obs, ref)
+        if t % s.snapshot_every == 0:
+            stack.take_snapshot()
+            snap_ref = torch.where(good, obs, snap_ref)
+        stack.adam_step(grads, good, s.lr)
+        del grads
+        if on_iter is not None:
+            on_iter(t)
+        if stop.any():
+            keep = torch.nonzero(~stop).flatten()
+            if len(keep) == 0:
+                break
+            mon.select(keep)
+            stack.select(keep)
+            seed_t, z = seed_t[keep], z[keep]
+            ref, snap_ref = ref[keep], snap_ref[keep]
+    return mon.result(backtracks)

@@ -1,0 +1,1 @@
+"""Networks: the DDPM U-Nets (unet.py) and the DIP skip net (dip.py)."""
