@@ -1,0 +1,259 @@
+"""The DDPM training loop: one Accelerate `while` loop, schedules counted in images seen.
+
+    python -m jobs.train --config configs/ddpm.yaml run.dir=runs/ddpm
+    accelerate launch -m jobs.train --config configs/ddpm.yaml run.dir=runs/ddpm   # N processes
+
+Exact resume. A run stopped at a checkpoint and resumed replays the uninterrupted run's loss
+sequence bit for bit (on CPU; tested). What makes that hold:
+  - the t/eps generator (and the global RNG, for dropout) is reseeded every optimizer step from
+    (run.seed, step, rank), so no generator state needs saving;
+  - the data order is a pure function of (seed, epoch, world size, workers); a checkpoint stores
+    the epoch and how many of its batches were consumed, and the resumed loader skips them;
+  - the partial loss average of the current log interval is in the checkpoint too;
+  - model, optimizer (and GradScaler) state come back through accelerator.load_state.
+A kill between checkpoints loses the steps since the last one; they are redone identically,
+and metrics.jsonl is trimmed back to the checkpoint so no step appears twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from dipddpm.config import Config, UserError
+from dipddpm.data import batches_per_epoch, make_loader
+from dipddpm.diffusion import Diffusion, ddim_sample
+from dipddpm.models.unet import build_unet, count_parameters
+from dipddpm.runs import METRICS_FILE, SAMPLES_DIR, atomic_write_text, prepare_run_dir, \
+    read_jsonl, seed_everything
+from dipddpm.tracking import Tracker
+from dipddpm.train.checkpoint import WEIGHTS_FILE, TrainState, latest_checkpoint, \
+    load_checkpoint, save_checkpoint, save_weights
+from dipddpm.train.ema import EMA
+from dipddpm.train.grid import save_grid
+
+
+def make_accelerator(mixed_precision: str, cpu: bool | None = None,
+                     compile: bool = False) -> Accelerator:
+    """An Accelerator that fails loudly when it sees fewer processes than were launched.
+
+    cpu defaults to True on a CPU-only host: a plain Accelerator() under torchrun there reports
+    one process per rank and every rank would train alone, silently (INFRA.md)."""
+    cpu = not torch.cuda.is_available() if cpu is None else cpu
+    # compile through Accelerate: it compiles after the DDP wrap, and unwraps for save_state
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision,
+                      dynamo_backend="inductor" if compile else None)
+    launched = os.environ.get("WORLD_SIZE")
+    if launched is not None and int(launched) != acc.num_processes:
+        raise UserError(f"launched with WORLD_SIZE={launched} but Accelerate sees "
+                        f"{acc.num_processes} process(es): the ranks would train separately; "
+                        "on a CPU host use ACCELERATE_USE_CPU=true accelerate launch --multi_gpu")
+    return acc
+
+
+def lr_at(images: int, cfg, total_images: float) -> float:
+    """Linear warmup then constant or cosine (to 0 at total_images), all in images seen."""
+    t = cfg.train
+    lr = t.lr * min(1.0, images / t.warmup_images) if t.warmup_images > 0 else t.lr
+    if t.lr_schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, images / max(total_images, 1))))
+    return lr
+
+
+def ema_decay_at(step: int, images: int, t) -> float:
+    """0 (copy) before ema_start_images; then, with ema_warmup, min(decay, (1+n)/(10+n)) as in
+    diffusers/timm, so a short run's average is not stuck near the random init (at decay
+    0.999 the init still weighs 0.999^150 = 86% after 150 steps)."""
+    if images < t.ema_start_images:
+        return 0.0
+    return min(t.ema_decay, (1 + step) / (10 + step)) if t.ema_warmup else t.ema_decay
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()[:8],
+                          "little") >> 1
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    return after // every > before // every
+
+
+def train(cfg: Config) -> dict:
+    acc = make_accelerator(cfg.train.mixed_precision, compile=cfg.train.compile)
+    t = cfg.train
+    rank, world, device = acc.process_index, acc.num_processes, acc.device
+    run_dir = prepare_run_dir(cfg, acc.is_main_process)
+    acc.wait_for_everyone()
+
+    # The same initial weights on every rank (DDP would broadcast rank 0's anyway, but the EMA
+    # copy is taken before that), then a different stream per rank for everything else.
+    seed_everything(cfg.run.seed)
+    model = build_unet(cfg.model.name)
+    ema = EMA(model, t.ema_decay)
+    seed_everything(cfg.run.seed * world + rank)
+    diffusion = Diffusion.from_config(cfg.diffusion)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    model, optimizer = acc.prepare(model, optimizer)  # not the loader: see dipddpm/data/stream.py
+    ema.model.to(device)
+
+    loader_args = dict(rank=rank, world_size=world, num_workers=cfg.data.num_workers,
+                       seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+    bpe = batches_per_epoch(cfg.data.dir, "train", t.batch_size, **loader_args)
+    if bpe < 1:
+        raise UserError(f"{cfg.data.dir}: the train split gives no batch of {t.batch_size} "
+                        f"per rank with {world} process(es)")
+    images_per_step = t.batch_size * t.grad_accum * world
+    total_images = t.epochs * bpe * t.batch_size * world
+    total_steps = t.max_steps if t.max_steps is not None else int(t.epochs * bpe) // t.grad_accum
+
+    state = TrainState()
+    resumed_from = latest_checkpoint(run_dir) if cfg.run.resume else None
+    if resumed_from is not None:
+        state = load_checkpoint(acc, resumed_from, ema)
+        if acc.is_main_process:  # drop lines of steps that will be redone
+            going_on = state.step < total_steps  # then the stop's partial line gets redone
+            rows = [r for r in read_jsonl(run_dir / METRICS_FILE)
+                    if r.get("step", 0) < state.step
+                    or (r.get("step") == state.step and not (going_on and r.get("partial")))]
+            atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+    acc.wait_for_everyone()
+
+    tracker = Tracker(run_dir, cfg, "train", enabled=acc.is_main_process)
+    debug = run_dir / "debug"
+    keys_file = None
+    if t.rank_debug:
+        debug.mkdir(parents=True, exist_ok=True)
+        keys_file = open(debug / f"keys-rank{rank}.txt", "a")
+    if acc.is_main_process:
+        print(f"dipddpm train: {cfg.model.name} ({count_parameters(ema.model):,} params), "
+              f"{world} process(es) on {device}, {bpe} batches/epoch/rank, {total_steps} steps "
+              f"of {images_per_step} images" +
+              (f", resumed from {resumed_from.name}" if resumed_from else ""), flush=True)
+
+    def epoch_batches(epoch: int, skip: int):
+        # An epoch's length can differ from epoch 0's when shards are unequal (the loader
+        # stops every rank at the shortest rank's count), so each epoch reports its own.
+        loader = make_loader(cfg.data.dir, "train", t.batch_size, epoch=epoch,
+                             skip_batches=skip, **loader_args)
+        return iter(loader), len(loader)
+
+    batches, epoch_len = epoch_batches(state.epoch, state.batch_in_epoch)
+    noise_gen = torch.Generator(device=device)
+    loss_sum = torch.tensor(state.loss_sum, device=device)
+    sample_gen_seed = cfg.run.seed  # the same noise for every grid: frames of one film
+
+    def sample_grid():
+        n = t.num_samples
+        if n == 0 or not acc.is_main_process:
+            return
+        with acc.autocast():
+            x, _ = ddim_sample(ema.model, diffusion, (n, 1, 28, 28), steps=t.sample_steps,
+                               generator=torch.Generator(device).manual_seed(sample_gen_seed),
+                               device=device)
+        path = run_dir / SAMPLES_DIR / f"img-{state.images_seen:012d}.png"
+        save_grid(x, path)
+        tracker.log_image("samples", path, state.step)
+
+    pbar = tqdm(total=total_steps, initial=state.step, disable=not acc.is_main_process,
+                dynamic_ncols=True, desc="train")
+    t_epoch = time.perf_counter()
+    train_time, images_at_log = 0.0, state.images_seen  # img/s counts training only
+    while state.step < total_steps:
+        t_step = time.perf_counter()
+        lr = lr_at(state.images_seen + images_per_step, cfg, total_images)  # first step: lr > 0
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        seed = step_seed(cfg.run.seed, state.step, rank)
+        noise_gen.manual_seed(seed)
+        torch.manual_seed(seed)  # dropout, if a model has it
+
+        # Micro-steps: gradients sync only on the last one; each loss is scaled so their sum
+        # is the mean over the grad_accum batches.
+        step_loss = 0.0
+        for micro in range(t.grad_accum):
+            if state.batch_in_epoch == epoch_len:  # next epoch: a fresh, reshuffled order
+                tracker.log({"images_seen": state.images_seen, "epoch": state.epoch + 1,
+                             "epoch_time_s": time.perf_counter() - t_epoch}, state.step)
+                t_epoch = time.perf_counter()
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                batches, epoch_len = epoch_batches(state.epoch, 0)
+            batch = next(batches)
+            state.batch_in_epoch += 1
+            if keys_file is not None:
+                keys_file.write(f"{state.step} " + " ".join(batch["key"]) + "\n")
+            x0 = batch["image"].to(device, non_blocking=True)
+            tt = torch.randint(0, diffusion.T, (x0.shape[0],), device=device, generator=noise_gen)
+            noise = torch.randn(x0.shape, device=device, generator=noise_gen)
+            sync = nullcontext() if micro == t.grad_accum - 1 else acc.no_sync(model)
+            with sync:
+                with acc.autocast():
+                    loss = diffusion.loss(model, x0, tt, noise)
+                acc.backward(loss / t.grad_accum)
+            step_loss = step_loss + loss.detach() / t.grad_accum
+        if t.clip_grad > 0:
+            acc.clip_grad_norm_(model.parameters(), t.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(acc.unwrap_model(model), ema_decay_at(state.step, state.images_seen, t))
+
+        before = state.images_seen
+        state.step += 1
+        state.images_seen += images_per_step
+        # One scalar all-reduce per step: cheap beside DDP's, and it makes the running loss
+        # identical on every rank, so a checkpoint can hold it.
+        loss_sum += acc.reduce(step_loss, reduction="mean")
+        state.loss_count += 1
+        pbar.update(1)
+        last = state.step == total_steps
+        boundary = crossed(before, state.images_seen, t.log_every_images)
+
+        if boundary or last:
+            mean_loss = (loss_sum / state.loss_count).item()
+            train_time += time.perf_counter() - t_step
+            row = {"images_seen": state.images_seen,
+                   "epoch": state.epoch + state.batch_in_epoch / epoch_len, "loss": mean_loss, "lr": lr,
+                   "img_per_s": (state.images_seen - images_at_log) / max(train_time, 1e-9)}
+            if not boundary:  # a stop mid-interval: report, but keep accumulating for resume
+                row["partial"] = True
+            tracker.log(row, state.step)
+            pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['img_per_s']:.0f}")
+            if boundary:
+                loss_sum.zero_()
+                state.loss_count = 0
+                train_time, images_at_log = 0.0, state.images_seen
+        else:
+            train_time += time.perf_counter() - t_step
+        if crossed(before, state.images_seen, t.sample_every_images) or last:
+            sample_grid()
+        if crossed(before, state.images_seen, t.checkpoint_every_images) or last:
+            state.loss_sum = loss_sum.item()
+            save_checkpoint(acc, run_dir, state, ema, t.keep_checkpoints)
+    pbar.close()
+
+    if acc.is_main_process:
+        save_weights(run_dir / WEIGHTS_FILE, ema, state, model_name=cfg.model.name)
+    if keys_file is not None:
+        keys_file.close()
+        summary = {"rank": rank, "world": world, "step": state.step,
+                   "model": state_hash(acc.unwrap_model(model)), "ema": state_hash(ema.model)}
+        (debug / f"state-rank{rank}.json").write_text(json.dumps(summary) + "\n")
+    tracker.finish()
+    acc.wait_for_everyone()
+    acc.end_training()
+    return {"step": state.step, "images_seen": state.images_seen, "run_dir": str(run_dir)}
