@@ -45,6 +45,18 @@ def make_idx_folder(folder: Path, n_train: int = 40, n_test: int = 20, seed: int
     return folder
 
 
+def make_shards(root: Path, n_train: int, n_test: int, shard_size: int) -> Path:
+    """Generated IDX files under root/idx, prepared into shards under root/shards."""
+    from dipddpm.config import load_config
+    from dipddpm.data.prepare import prepare_data
+
+    src = make_idx_folder(root / "idx", n_train=n_train, n_test=n_test)
+    out = root / "shards"
+    prepare_data(load_config(None, [f"data.source={src}", f"data.dir={out}",
+                                    f"data.shard_size={shard_size}"]), progress=False)
+    return out
+
+
 def skip_or_fail(reason: str):
     if IN_CI:
         pytest.fail(f"required under CI: {reason}")
@@ -56,6 +68,17 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: float 
     """`python -m module args...` in a fresh process, as a user would run it."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one torch thread is much faster than two on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -9,13 +9,7 @@ from dipddpm.diffusion import (Diffusion, cosine_betas, ddim_sample, ddim_timest
 from dipddpm.models.unet import UNet, UNetConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is ~5x faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_schedules():

@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from dipddpm.config import load_config
-from dipddpm.data.prepare import prepare_data
 from dipddpm.evaluate import (feature_stats, fid_from_features, frechet_distance, kid,
                               load_classifier, memorisation_report, nearest, psnr,
                               sample_metrics, ssim, train_classifier)
 from dipddpm.evaluate.classifier import CHECKPOINT, METRICS
 from dipddpm.evaluate.fid import cache_tag
 from dipddpm.runs import read_json
-from tests.conftest import REPO, make_idx_folder, run_module
+from tests.conftest import REPO, make_shards, run_module
 
 
 # ----------------------------------------------------------------------------- PSNR / SSIM
@@ -143,12 +142,7 @@ def test_memorisation_finds_exact_copy_at_zero_and_separates_copies():
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    src = make_idx_folder(root / "idx", n_train=200, n_test=60)
-    out = root / "shards"
-    prepare_data(load_config(None, [f"data.source={src}", f"data.dir={out}",
-                                    "data.shard_size=100"]), progress=False)
-    return out
+    return make_shards(tmp_path_factory.mktemp("tiny"), 200, 60, 100)
 
 
 def test_classifier_job_caches_checkpoint_and_reuses_it(tiny_data, tmp_path):

@@ -4,9 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from dipddpm.config import load_config
-from dipddpm.data.prepare import prepare_data
-from tests.conftest import make_idx_folder, run_module
+from tests.conftest import make_shards, run_module
 
 KEYS = {"iters", "psnr_mean", "psnr_std", "noisy_psnr", "oracle_psnr", "es_wmv_psnr",
         "budget_psnr"}
@@ -17,12 +15,7 @@ TINY = ["dip.channels_down=8", "dip.channels_up=8", "dip.channels_skip=2", "dip.
 
 @pytest.fixture(scope="module")
 def small_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dipdata")
-    src = make_idx_folder(root / "idx", n_train=10, n_test=10)
-    out = root / "shards"
-    prepare_data(load_config(None, [f"data.source={src}", f"data.dir={out}",
-                                    "data.shard_size=5"]), progress=False)
-    return out
+    return make_shards(tmp_path_factory.mktemp("dipdata"), 10, 10, 5)
 
 
 def _check_run(run_dir, n, iters, every, sigmas=("25", "50")):

@@ -9,10 +9,9 @@ import pytest
 
 from dipddpm.config import load_config
 from dipddpm.data import load_split
-from dipddpm.data.prepare import prepare_data
 from dipddpm.data.shards import sha256_file
 from dipddpm.dip.priors import load_priors, precompute
-from tests.conftest import REPO, make_idx_folder, run_module
+from tests.conftest import REPO, make_shards, run_module
 
 # A small net keeps these tests quick; the study's net is the default of configs/priors.yaml.
 SMALL = ["dip.channels_down=8", "dip.channels_up=8", "dip.iters=6", "priors.sub_batch=2",
@@ -21,11 +20,7 @@ SMALL = ["dip.channels_down=8", "dip.channels_up=8", "dip.iters=6", "priors.sub_
 
 @pytest.fixture
 def data_dir(tmp_path):
-    src = make_idx_folder(tmp_path / "idx", n_train=16, n_test=16)
-    out = tmp_path / "data"
-    prepare_data(load_config(None, [f"data.source={src}", f"data.dir={out}",
-                                    "data.shard_size=8"]), progress=False)
-    return out
+    return make_shards(tmp_path, 16, 16, 8)
 
 
 def cfg_for(data_dir, tmp_path, *extra):

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from dipddpm.config import load_config
-from dipddpm.data.prepare import prepare_data
 from dipddpm.runs import read_jsonl
 from dipddpm.tracking import read_wandb_offline
 from dipddpm.train.loop import lr_at
-from tests.conftest import REPO, make_idx_folder, run_module
+from tests.conftest import REPO, make_shards, run_module
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny nets on a shared 2-core box: 1 thread is faster
 TINY = ["--config", "configs/ddpm_tiny.yaml"]
@@ -24,12 +23,7 @@ TINY = ["--config", "configs/ddpm_tiny.yaml"]
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
     """64 train images in 4 shards of 16 (8 batches of 8 per epoch), 16 test images."""
-    root = tmp_path_factory.mktemp("tiny")
-    src = make_idx_folder(root / "idx", n_train=64, n_test=16)
-    out = root / "shards"
-    prepare_data(load_config(None, [f"data.source={src}", f"data.dir={out}",
-                                     "data.shard_size=16"]), progress=False)
-    return out
+    return make_shards(tmp_path_factory.mktemp("tiny"), 64, 16, 16)
 
 
 def train(run_dir, data_dir, *overrides, wandb="disabled"):
