@@ -1,0 +1,172 @@
+"""The building blocks every protocol arm shares: unit conversions, start states, estimates,
+and one reverse-chain call that counts its network evaluations.
+
+Scales. The DIP, PSNR and SSIM work on u in [0, 1]; the diffusion on x = 2u - 1 in [-1, 1]. A
+noise std s on [0, 1] is 2s on [-1, 1]: denoising at sigma = 25 (0-255 scale) is std 50/255 on
+the diffusion's scale, so its direct start is t* = 56 for linear betas 1e-4..0.02, T = 1000
+(sigma 50 -> 114).
+
+Samplers. "ddpm" is DDIM with eta = 1 over K evenly spaced steps: with K >= t0 it is ancestral
+DDPM exactly (same draws, see dipddpm/diffusion), with K < t0 it is the respaced ancestral chain
+(posterior variances of the coarser schedule). "ddim" is eta = 0. NFE = min(K, t0) either way.
+
+Inpainting consistency (RePaint's simple form, without its resampling loops): after every
+reverse step to index s, the observed pixels are replaced by the observation diffused to s,
+sqrt(abar[s]) y + sqrt(1 - abar[s]) eps with fresh eps; the final x_0 keeps y where observed.
+Without it (`consistency=False`) the chain is the plain SDEdit/CCDF start, unconditioned.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from dipddpm.diffusion import Diffusion, ddim_sample, ddim_timesteps, t_for_sigma
+from dipddpm.diffusion.schedule import _gather
+
+ETA = {"ddpm": 1.0, "ddim": 0.0}
+
+
+def to_diffusion(u: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1]."""
+    return u * 2.0 - 1.0
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clipped: the image a sample is."""
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def sigma_on_diffusion_scale(sigma255: float) -> float:
+    """Std of N(0, (sigma/255)^2) noise on [0, 1], seen on [-1, 1]."""
+    return 2.0 * sigma255 / 255.0
+
+
+def direct_t0(diffusion: Diffusion, sigma255: float) -> int:
+    """1-indexed t* whose (1 - abar)/abar matches the observation's noise variance."""
+    return t_for_sigma(diffusion, sigma_on_diffusion_scale(sigma255)) + 1
+
+
+def direct_start(y: torch.Tensor, diffusion: Diffusion,
+                 sigma255: float) -> tuple[torch.Tensor, int]:
+    """(x at index t*-1, t*) from a noisy observation y in [0, 1], no prior: y = x0 + s n on
+    [-1, 1] scaled by sqrt(abar) is sqrt(abar) x0 + sqrt(abar) s n, and sqrt(abar) s ~
+    sqrt(1 - abar) at t*. (y is clipped to [0, 1] by the degradation, so near black and white
+    the noise is not exactly Gaussian: a small mismatch the direct arm lives with.)"""
+    t0 = direct_t0(diffusion, sigma255)
+    scale = float(diffusion.sqrt_abar[t0 - 1])
+    return to_diffusion(y) * scale, t0
+
+
+def gaussian_blur(u: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with reflection padding, radius ceil(3 sigma); [B,C,H,W]."""
+    r = max(1, math.ceil(3.0 * sigma))
+    k = torch.arange(-r, r + 1, dtype=u.dtype, device=u.device)
+    k = torch.exp(-k ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    c = u.shape[1]
+    x = F.pad(u, (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def cheap_estimate(y: torch.Tensor, mask: torch.Tensor, blur_sigma: float,
+                   fill_sigma: float = 1.0, fill_iters: int = 200) -> torch.Tensor:
+    """The no-learning estimate that isolates what DIP adds. Denoising (mask all ones): a
+    Gaussian blur of y. Inpainting: the hole filled by repeated blurring (fill_sigma, fixed so
+    that 200 rounds reach the middle of a 10-pixel box) with the observed pixels held fixed (a
+    discrete heat-equation fill, started from the mean observed value)."""
+    if bool((mask > 0.5).all()):
+        return gaussian_blur(y, blur_sigma).clamp(0, 1)
+    known = mask > 0.5
+    mean = (y * mask).sum((1, 2, 3), keepdim=True) / mask.sum((1, 2, 3), keepdim=True).clamp_min(1)
+    cur = torch.where(known, y, mean.expand_as(y))
+    for _ in range(fill_iters):
+        cur = torch.where(known, y, gaussian_blur(cur, fill_sigma))
+    return cur.clamp(0, 1)
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps an eps-model and counts its calls per image, so NFE is measured, not assumed."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.calls = 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        return self.model(x, t)
+
+
+def _x0_eps(model, diffusion, x, t):
+    out = model(x, t).to(x.dtype)
+    x0, _ = diffusion.predict_x0_eps(x, t, out)
+    x0 = x0.clamp(-1, 1)  # as the samplers do (clip_x0=True)
+    return x0, diffusion.eps_from_x0(x, t, x0)
+
+
+@torch.no_grad()
+def consistent_sample(model, diffusion: Diffusion, x: torch.Tensor, t0: int, steps: int,
+                      eta: float, y: torch.Tensor, mask: torch.Tensor,
+                      gen: torch.Generator) -> torch.Tensor:
+    """DDIM(eta) from state x at index t0-1 with the observed pixels (mask 1) of y ([-1, 1])
+    re-imposed at every step, diffused to the step's noise level. -> x_0 in [-1, 1]."""
+    ts = ddim_timesteps(t0, steps)
+    for k, i in enumerate(ts):
+        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        x0, eps = _x0_eps(model, diffusion, x, t)
+        if k == len(ts) - 1:
+            x = x0
+            break
+        prev = torch.full_like(t, ts[k + 1])
+        ab, ab_prev = _gather(diffusion.abar, t, x), _gather(diffusion.abar, prev, x)
+        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+        x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            x = x + sigma * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        known = diffusion.q_sample(y, prev, torch.randn(x.shape, generator=gen, device=x.device,
+                                                        dtype=x.dtype))
+        x = mask * known + (1 - mask) * x
+    return mask * y + (1 - mask) * x
+
+
+@dataclass
+class ChainResult:
+    u: torch.Tensor  # [B, C, H, W] in [0, 1]
+    nfe: int  # network evaluations per image
+    seconds: float  # wall time of the whole batch's chain
+
+
+def run_chain(model, diffusion: Diffusion, *, sampler: str, steps: int, t0: int,
+              u_hat: Optional[torch.Tensor] = None, x_start: Optional[torch.Tensor] = None,
+              y: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+              seed: int = 0) -> ChainResult:
+    """One reverse chain for a batch: from the estimate u_hat in [0, 1] diffused to t0
+    (x_t0 = sqrt(abar) (2 u_hat - 1) + sqrt(1 - abar) eps) or from a given state x_start at
+    index t0-1. With y and a mask that is not all ones (inpainting), the observed pixels are
+    kept consistent (see the module docstring). NFE is counted from the model's calls."""
+    if sampler not in ETA:
+        raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+    counter = CountingModel(model)
+    device = (u_hat if u_hat is not None else x_start).device
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    x0_hat = None if u_hat is None else to_diffusion(u_hat)
+    start = time.perf_counter()
+    masked = mask is not None and y is not None and not bool((mask > 0.5).all())
+    if masked:
+        from dipddpm.diffusion import start_state
+
+        x, t0 = start_state(diffusion, None, x0_hat=x0_hat, t0=t0, x_start=x_start, generator=gen)
+        x = consistent_sample(counter, diffusion, x, t0, steps, ETA[sampler], to_diffusion(y),
+                              mask, gen)
+    else:
+        x, _ = ddim_sample(counter, diffusion, None, steps=steps, eta=ETA[sampler],
+                           x0_hat=x0_hat, t0=t0, x_start=x_start, generator=gen)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return ChainResult(to_unit(x), counter.calls, time.perf_counter() - start)
