@@ -111,9 +111,13 @@ def ddim_timesteps(t0: int, steps: int) -> list[int]:
 @torch.no_grad()
 def ddim_sample(model, diffusion: Diffusion, shape=None, *, steps: int = 50, eta: float = 0.0,
                 x0_hat=None, t0=None, x_start=None, generator=None, clip_x0: bool = True,
-                device=None, dtype=torch.float32):
+                device=None, dtype=torch.float32, after_step=None):
     """DDIM (Song et al., 2021) over `steps` indices from t0-1 to 0; eta=0 is deterministic after
-    the start, eta=1 over all steps is ancestral DDPM. -> (x, nfe)."""
+    the start, eta=1 over all steps is ancestral DDPM. -> (x, nfe).
+
+    `after_step(x, prev, gen) -> x`, when given, sees the state after every step but the last
+    (at index `prev`, an int64 tensor [B]) and may change it: e.g. re-impose observed pixels
+    for inpainting. Its random draws come from `gen`, after the step's own."""
     gen = _generator(generator, device if device is not None else
                      (x0_hat.device if x0_hat is not None else
                       x_start.device if x_start is not None else "cpu"))
@@ -134,6 +138,8 @@ def ddim_sample(model, diffusion: Diffusion, shape=None, *, steps: int = 50, eta
         x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         if eta > 0:
             x = x + sigma * _randn(x.shape, gen, x.dtype)
+        if after_step is not None:
+            x = after_step(x, prev, gen)
     return x, nfe
 
 

@@ -25,8 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from dipddpm.diffusion import Diffusion, ddim_sample, ddim_timesteps, t_for_sigma
-from dipddpm.diffusion.schedule import _gather
+from dipddpm.diffusion import Diffusion, ddim_sample, t_for_sigma
 
 ETA = {"ddpm": 1.0, "ddim": 0.0}
 
@@ -103,36 +102,13 @@ class CountingModel(torch.nn.Module):
         return self.model(x, t)
 
 
-def _x0_eps(model, diffusion, x, t):
-    out = model(x, t).to(x.dtype)
-    x0, _ = diffusion.predict_x0_eps(x, t, out)
-    x0 = x0.clamp(-1, 1)  # as the samplers do (clip_x0=True)
-    return x0, diffusion.eps_from_x0(x, t, x0)
-
-
-@torch.no_grad()
-def consistent_sample(model, diffusion: Diffusion, x: torch.Tensor, t0: int, steps: int,
-                      eta: float, y: torch.Tensor, mask: torch.Tensor,
-                      gen: torch.Generator) -> torch.Tensor:
-    """DDIM(eta) from state x at index t0-1 with the observed pixels (mask 1) of y ([-1, 1])
-    re-imposed at every step, diffused to the step's noise level. -> x_0 in [-1, 1]."""
-    ts = ddim_timesteps(t0, steps)
-    for k, i in enumerate(ts):
-        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        x0, eps = _x0_eps(model, diffusion, x, t)
-        if k == len(ts) - 1:
-            x = x0
-            break
-        prev = torch.full_like(t, ts[k + 1])
-        ab, ab_prev = _gather(diffusion.abar, t, x), _gather(diffusion.abar, prev, x)
-        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-        x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-        if eta > 0:
-            x = x + sigma * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        known = diffusion.q_sample(y, prev, torch.randn(x.shape, generator=gen, device=x.device,
-                                                        dtype=x.dtype))
-        x = mask * known + (1 - mask) * x
-    return mask * y + (1 - mask) * x
+def keep_observed(y: torch.Tensor, mask: torch.Tensor, diffusion: Diffusion):
+    """ddim_sample's after_step for inpainting: the observed pixels (mask 1) of y ([-1, 1])
+    replaced by y diffused to the step's noise level, with fresh noise."""
+    def after_step(x, prev, gen):
+        eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        return mask * diffusion.q_sample(y, prev, eps) + (1 - mask) * x
+    return after_step
 
 
 @dataclass
@@ -158,15 +134,11 @@ def run_chain(model, diffusion: Diffusion, *, sampler: str, steps: int, t0: int,
     x0_hat = None if u_hat is None else to_diffusion(u_hat)
     start = time.perf_counter()
     masked = mask is not None and y is not None and not bool((mask > 0.5).all())
+    after = keep_observed(to_diffusion(y), mask, diffusion) if masked else None
+    x, _ = ddim_sample(counter, diffusion, None, steps=steps, eta=ETA[sampler], x0_hat=x0_hat,
+                       t0=t0, x_start=x_start, generator=gen, after_step=after)
     if masked:
-        from dipddpm.diffusion import start_state
-
-        x, t0 = start_state(diffusion, None, x0_hat=x0_hat, t0=t0, x_start=x_start, generator=gen)
-        x = consistent_sample(counter, diffusion, x, t0, steps, ETA[sampler], to_diffusion(y),
-                              mask, gen)
-    else:
-        x, _ = ddim_sample(counter, diffusion, None, steps=steps, eta=ETA[sampler],
-                           x0_hat=x0_hat, t0=t0, x_start=x_start, generator=gen)
+        x = mask * to_diffusion(y) + (1 - mask) * x  # the final image keeps y where observed
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return ChainResult(to_unit(x), counter.calls, time.perf_counter() - start)
