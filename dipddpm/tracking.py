@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 WANDB_DIR = "wandb"  # run_dir/wandb: everything W&B writes, see DESIGN.md "Run dir"
 WANDB_ID_FILE = "wandb_id.txt"
+_RUN_DIRS = (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"))
+# Read once, before any Tracker sets them: only these are the user's own choices.
+_USER_SET = {var for var, _ in _RUN_DIRS if var in os.environ}
 
 
 def _run_id(run_dir: Path) -> str:
@@ -71,10 +74,11 @@ class Tracker:
         wandb_dir = self.run_dir / WANDB_DIR
         wandb_dir.mkdir(parents=True, exist_ok=True)
         # W&B's config/cache/data dirs default to the home folder; a user who set them keeps
-        # theirs (e.g. a shared artifact cache), otherwise they live with the run.
-        for var, sub in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
-                         ("WANDB_DATA_DIR", "data")):
-            os.environ.setdefault(var, str(wandb_dir / sub))
+        # theirs (e.g. a shared artifact cache), otherwise they live with this run, also when
+        # an earlier Tracker in the same process pointed them at its own run.
+        for var, sub in _RUN_DIRS:
+            if var not in _USER_SET:
+                os.environ[var] = str(wandb_dir / sub)
         os.environ.setdefault("WANDB_SILENT", "true")
 
         import wandb  # late: slow import, and only the main rank with W&B on pays it
@@ -138,6 +142,10 @@ class Tracker:
             # wandb-core writes the last history step and the exit record after finish()
             # returns; wait for them so whatever runs next (a reader, a sync) sees the whole run.
             _wait_for_exit_record(wandb_file)
+            # W&B reads its config/cache/data dirs once per process, at its first init: a
+            # teardown makes the next Tracker in this process (a test, a study running several
+            # jobs) read them again and keep its files with its own run.
+            self._wandb.teardown()
 
     @property
     def run_id(self) -> Optional[str]:

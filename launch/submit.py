@@ -1,7 +1,7 @@
 """Submit a job as one SLURM array (or run it here): one task per grid point or data shard.
 
-  python -m launch.submit train --config configs/train.yaml --executor slurm
-  python -m launch.submit train --grid configs/grids/t_epochs.yaml --dry-run
+  python -m launch.submit train --config configs/ddpm.yaml --executor slurm
+  python -m launch.submit train --grid configs/grids/train_T_epochs.yaml --dry-run
   python -m launch.submit precompute_priors --config configs/priors.yaml --array shards
   python -m launch.submit selftest --grid configs/grids/selftest.yaml --executor local
 
