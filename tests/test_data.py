@@ -169,3 +169,9 @@ def test_exactly_once_across_two_ranks_and_two_workers(real_shards, tmp_path):
     a, b = set(ranks[0]["keys"]), set(ranks[1]["keys"])
     assert len(ranks[0]["keys"]) == len(a) == 5000 and len(b) == 5000
     assert not a & b and len(a | b) == 10000
+
+
+def test_source_from_environment(idx_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIPDDPM_DATA", str(idx_folder))
+    manifest = prepare_data(load_config(None, [f"data.dir={tmp_path / 'env'}"]), progress=False)
+    assert manifest["splits"]["test"]["count"] == 20 and verify_dataset(tmp_path / "env") == []
