@@ -26,7 +26,7 @@ import torch
 from torch.optim.adam import adam as adam_functional
 
 from dipddpm.dip.metrics import psnr
-from dipddpm.dip.seeds import hash_normal, hash_uniform
+from dipddpm.dip.seeds import hash_normal, hash_uniform, sample_seed
 from dipddpm.dip.stopping import EsWmv
 from dipddpm.models.dip import SkipNet, SkipSpec, grouped_forward, stack_params
 
@@ -340,3 +340,22 @@ def fit_batch(y, mask, clean, seeds: Sequence[int], spec: SkipSpec, s: FitSettin
             seed_t, z = seed_t[keep], z[keep]
             ref, snap_ref = ref[keep], snap_ref[keep]
     return mon.result(backtracks)
+
+
+NET_SEED = "dip-net"  # the purpose each image's net is seeded with (see seeds.sample_seed)
+
+
+def fit_by_key(y, mask, clean, keys: Sequence[str], spec: SkipSpec, s: FitSettings, *,
+               run_seed: int, batch_size: int, device="cpu",
+               on_iter: Optional[Callable[[int, int], None]] = None):
+    """Fit one net per sample, `batch_size` nets at a time; yields (slice, FitResult).
+
+    Each net is seeded from (run_seed, its sample key), so an image's result does not depend on
+    the batching: the priors job, fit_dip and the protocols get the same fit for the same key.
+    on_iter(t, nets in the batch) is called after every iteration."""
+    for lo in range(0, len(keys), batch_size):
+        hi = min(lo + batch_size, len(keys))
+        seeds = [sample_seed(run_seed, k, NET_SEED) for k in keys[lo:hi]]
+        cb = None if on_iter is None else (lambda t, n=hi - lo: on_iter(t, n))
+        yield slice(lo, hi), fit_batch(y[lo:hi], None if mask is None else mask[lo:hi],
+                                       clean[lo:hi], seeds, spec, s, device=device, on_iter=cb)

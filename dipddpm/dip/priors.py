@@ -38,9 +38,8 @@ from dipddpm.config import Config, ConfigError
 from dipddpm.data.shards import load_manifest, sha256_file, split_shards
 from dipddpm.data.stream import read_shards
 from dipddpm.dip.degrade import degrade
-from dipddpm.dip.fit import FitSettings, fit_batch
+from dipddpm.dip.fit import FitSettings, fit_by_key
 from dipddpm.dip.metrics import psnr
-from dipddpm.dip.seeds import sample_seed
 from dipddpm.models.dip import SkipSpec
 from dipddpm.runs import atomic_path, atomic_write_json, read_json
 
@@ -117,10 +116,10 @@ def _fit_sub_batch(cfg: Config, clean: np.ndarray, keys: list[str], device,
     dip = cfg.dip
     y, mask = degrade(clean, keys, dip.task, run_seed=cfg.run.seed, sigma=dip.sigma,
                       box=dip.box, keep_fraction=dip.keep_fraction)
-    seeds = [sample_seed(cfg.run.seed, k, "dip-net") for k in keys]
-    on_iter = None if bar is None else (lambda t: bar.update(len(keys)))
-    r = fit_batch(y, mask, clean, seeds, SkipSpec.from_config(dip),
-                  FitSettings.from_config(dip), device=device, on_iter=on_iter)
+    on_iter = None if bar is None else (lambda t, n: bar.update(n))
+    [(_, r)] = fit_by_key(y, mask, clean, keys, SkipSpec.from_config(dip),
+                          FitSettings.from_config(dip), run_seed=cfg.run.seed,
+                          batch_size=len(keys), device=device, on_iter=on_iter)
     x0 = r.estimate.float().cpu()
     y_t, m_t, c_t = (torch.from_numpy(a) for a in (y, mask, clean))
     return {"x0_hat": x0.numpy(), "obs": y, "mask": mask,

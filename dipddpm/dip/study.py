@@ -20,9 +20,8 @@ import torch
 
 from dipddpm.config import Config, ConfigError
 from dipddpm.dip.degrade import degrade
-from dipddpm.dip.fit import FitSettings, fit_batch
+from dipddpm.dip.fit import FitSettings, fit_by_key
 from dipddpm.dip.metrics import psnr
-from dipddpm.dip.seeds import sample_seed
 from dipddpm.models.dip import SkipSpec
 
 # The study's DIP PSNR (dB) at 50, 100, ..., 400 iterations (its noise level is not stated).
@@ -65,12 +64,8 @@ def fit_sigma(cfg: Config, clean: np.ndarray, keys: list[str], sigma: float, *,
     settings = FitSettings.from_config(dip, stop="budget")
     est, raw, es_psnr, es_iter, bts = [], [], [], [], []
     start = time.perf_counter()
-    for lo in range(0, len(keys), dip.batch_size):
-        hi = min(lo + dip.batch_size, len(keys))
-        seeds = [sample_seed(seed, k, "dip-net") for k in keys[lo:hi]]
-        cb = None if on_iter is None else (lambda t, b=hi - lo: on_iter(t, b))
-        r = fit_batch(y[lo:hi], None, clean[lo:hi], seeds, spec, settings, device=device,
-                      on_iter=cb)
+    for _, r in fit_by_key(y, None, clean, keys, spec, settings, run_seed=seed,
+                           batch_size=dip.batch_size, device=device, on_iter=on_iter):
         est.append(r.psnr_est.numpy())
         raw.append(r.psnr_raw.numpy())
         es_psnr.append(r.es_psnr.numpy())

@@ -54,8 +54,7 @@ import torch
 from dipddpm.config import Config, ConfigError, UserError
 from dipddpm.diffusion import Diffusion
 from dipddpm.dip.degrade import degrade
-from dipddpm.dip.fit import FitSettings, fit_batch
-from dipddpm.dip.seeds import sample_seed
+from dipddpm.dip.fit import FitSettings, fit_by_key
 from dipddpm.evaluate.image_metrics import psnr, ssim
 from dipddpm.models.dip import SkipSpec
 from dipddpm.protocols.arms import cheap_estimate, direct_start, run_chain
@@ -120,10 +119,8 @@ def fit_dip(cfg: Config, clean, keys, y, mask, device) -> DipEstimate:
     settings = FitSettings.from_config(dip, stop="budget")
     est, es_psnr, es_iter, peak, peak_iter = [], [], [], [], []
     start = time.perf_counter()
-    for lo in range(0, len(keys), dip.batch_size):
-        hi = min(lo + dip.batch_size, len(keys))
-        seeds = [sample_seed(cfg.run.seed, k, "dip-net") for k in keys[lo:hi]]
-        r = fit_batch(y[lo:hi], mask[lo:hi], clean[lo:hi], seeds, spec, settings, device=device)
+    for _, r in fit_by_key(y, mask, clean, keys, spec, settings, run_seed=cfg.run.seed,
+                           batch_size=dip.batch_size, device=device):
         est.append(r.estimate.float())
         budget_psnr = r.psnr_est[-1].numpy()
         # ES-WMV never filling its window means it never stops: the budget estimate is reported
