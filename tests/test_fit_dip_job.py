@@ -79,3 +79,26 @@ def test_bad_input_is_one_line_and_exit_2(small_shards, tmp_path, override, name
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and names in lines[0] and "Traceback" not in r.stderr
+
+
+def test_rerun_loads_finished_batches_and_refits_changed_ones(small_shards, tmp_path):
+    from jobs.fit_dip import main
+
+    run_dir = tmp_path / "run"
+    argv = ["--config", "configs/dip_denoise.yaml", f"run.dir={run_dir}",
+            f"data.dir={small_shards}", "wandb.mode=disabled", "dip.sigmas=[25]", *TINY]
+    main(argv)
+    first = (run_dir / "results.json").read_text()
+    batches = sorted((run_dir / "batches" / "sigma25").glob("*.npz"))
+    assert [b.name for b in batches] == ["000000-000002.npz", "000002-000003.npz"]
+    stamps = {b: b.stat().st_mtime_ns for b in batches}
+    # a half-written batch file is never loaded: it is refitted
+    batches[1].write_bytes(b"not an npz")
+    main(argv)
+    assert (run_dir / "results.json").read_text() == first
+    assert batches[0].stat().st_mtime_ns == stamps[batches[0]]  # loaded, not refitted
+    assert batches[1].read_bytes()[:2] == b"PK"
+    # other settings make other numbers: nothing is reused
+    main(argv + ["dip.lr=0.02"])
+    assert batches[0].stat().st_mtime_ns != stamps[batches[0]]
+    assert (run_dir / "results.json").read_text() != first

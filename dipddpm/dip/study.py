@@ -11,8 +11,11 @@ budget's last iteration. results.json is
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -54,27 +57,72 @@ def load_clean(cfg: Config):
     return clean, list(keys[:n])
 
 
+# dip settings that do not change a batch's numbers: a resumed run may change them freely
+_NOT_IN_FINGERPRINT = {"num_images", "sigmas", "record_every", "batch_size"}
+
+
+def _fingerprint(cfg: Config, sigma: float, keys: list[str]) -> str:
+    dip = {k: v for k, v in asdict(cfg.dip).items() if k not in _NOT_IN_FINGERPRINT}
+    text = json.dumps([dip, cfg.run.seed, sigma, keys], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_BATCH_FIELDS = ("psnr_est", "psnr_raw", "es_psnr", "es_iter", "backtracks", "seconds")
+
+
+def _load_batch(path: Path, fingerprint: str) -> Optional[dict]:
+    """A finished batch's arrays, or None when absent, unreadable or from other settings."""
+    try:
+        with np.load(path) as f:
+            if str(f["fingerprint"]) != fingerprint:
+                return None
+            return {k: f[k] for k in _BATCH_FIELDS}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def fit_sigma(cfg: Config, clean: np.ndarray, keys: list[str], sigma: float, *,
-              device="cpu", on_iter: Optional[Callable[[int, int], None]] = None) -> SigmaCurves:
-    """Fit every image at one sigma, dip.batch_size nets at a time, to the full budget."""
+              device="cpu", on_iter: Optional[Callable[[int, int], None]] = None,
+              batch_dir: Optional[Path] = None) -> SigmaCurves:
+    """Fit every image at one sigma, dip.batch_size nets at a time, to the full budget.
+
+    With batch_dir, each finished batch is saved there (atomically) and a rerun with the same
+    settings loads it instead of fitting again: a preempted run loses at most one batch."""
+    from dipddpm.runs import atomic_path
+
     dip, seed = cfg.dip, cfg.run.seed
     y, _ = degrade(clean, keys, "denoise", run_seed=seed, sigma=sigma)
     spec = SkipSpec.from_config(dip)
     # the curve needs every iteration up to the budget; ES-WMV's pick is recorded on the way
     settings = FitSettings.from_config(dip, stop="budget")
-    est, raw, es_psnr, es_iter, bts = [], [], [], [], []
-    start = time.perf_counter()
-    for _, r in fit_by_key(y, None, clean, keys, spec, settings, run_seed=seed,
-                           batch_size=dip.batch_size, device=device, on_iter=on_iter):
-        est.append(r.psnr_est.numpy())
-        raw.append(r.psnr_raw.numpy())
-        es_psnr.append(r.es_psnr.numpy())
-        es_iter.append(r.es_iter.numpy())
-        bts.append(r.backtracks.numpy())
+    batches = []
+    for lo in range(0, len(keys), dip.batch_size):
+        hi = min(lo + dip.batch_size, len(keys))
+        path = None if batch_dir is None else batch_dir / f"{lo:06d}-{hi:06d}.npz"
+        fp = _fingerprint(cfg, sigma, keys[lo:hi])
+        # looked up just before fitting: a second process on the same batch_dir skips what
+        # the first has finished
+        done = None if path is None else _load_batch(path, fp)
+        if done is not None:
+            if on_iter is not None:
+                on_iter(dip.iters - 1, (hi - lo) * dip.iters)  # the whole batch, for progress
+            batches.append(done)
+            continue
+        start = time.perf_counter()
+        (_, r), = fit_by_key(y[lo:hi], None, clean[lo:hi], keys[lo:hi], spec, settings,
+                             run_seed=seed, batch_size=hi - lo, device=device, on_iter=on_iter)
+        done = {"psnr_est": r.psnr_est.numpy(), "psnr_raw": r.psnr_raw.numpy(),
+                "es_psnr": r.es_psnr.numpy(), "es_iter": r.es_iter.numpy(),
+                "backtracks": r.backtracks.numpy(), "seconds": time.perf_counter() - start}
+        if path is not None:
+            with atomic_path(path, ".npz") as tmp:
+                np.savez(tmp, fingerprint=fp, **done)
+        batches.append(done)
+    cat = lambda k, axis=0: np.concatenate([b[k] for b in batches], axis)  # noqa
     noisy = psnr(torch.from_numpy(y), torch.from_numpy(clean)).numpy()
-    return SigmaCurves(sigma, np.concatenate(est, 1), np.concatenate(raw, 1), noisy,
-                       np.concatenate(es_psnr), np.concatenate(es_iter), np.concatenate(bts),
-                       time.perf_counter() - start)
+    return SigmaCurves(sigma, cat("psnr_est", 1), cat("psnr_raw", 1), noisy, cat("es_psnr"),
+                       cat("es_iter"), cat("backtracks"),
+                       float(sum(float(b["seconds"]) for b in batches)))
 
 
 def record_iters(iters: int, every: int) -> list[int]:
@@ -181,7 +229,8 @@ def run_study(cfg: Config, *, progress: bool = True) -> dict:
         for sigma in cfg.dip.sigmas:
             bar.set_description(f"σ={sigma:g}")
             curves = fit_sigma(cfg, clean, keys, sigma, device=device,
-                               on_iter=lambda t, b: bar.update(b))
+                               on_iter=lambda t, b: bar.update(b),
+                               batch_dir=run_dir / "batches" / f"sigma{sigma_key(sigma)}")
             all_curves.append(curves)
             print(f"sigma {sigma:g}: {len(keys)} images x {cfg.dip.iters} iterations in "
                   f"{curves.seconds:.0f} s ({len(keys) * cfg.dip.iters / curves.seconds:.1f} "
