@@ -124,10 +124,14 @@ class TrainConfig:
     sample_steps: int = 50  # DDIM steps for the periodic sample grids (cheap, same EMA weights)
     compile: bool = False  # torch.compile the model (GPU runs; the first steps are slow)
     rank_debug: bool = False  # write each rank's sample keys and weight hashes to run.dir/debug/
+    # "dip" = the study's variant: a DIP output replaces the Gaussian noise of the objective
+    # (dipddpm/train/dip_noise.py); kept to reproduce its tables, not to train a sound DDPM
+    noise: Literal["gaussian", "dip"] = "gaussian"
+    dip_iters: int = 3  # DIP iterations per batch in the variant; the study chose 3
 
     def check(self, fail):
         for key in ("batch_size", "grad_accum", "log_every_images", "checkpoint_every_images",
-                    "sample_every_images", "keep_checkpoints", "sample_steps"):
+                    "sample_every_images", "keep_checkpoints", "sample_steps", "dip_iters"):
             if getattr(self, key) < 1:
                 fail(key, getattr(self, key), "must be >= 1")
         if self.epochs <= 0 and self.max_steps is None:
@@ -347,6 +351,46 @@ class ProtocolConfig:
             fail("gen_num", self.gen_num, "FID and KID need at least 2 images")
 
 
+STUDY_STAGES = ("train", "ablation_dip_iters", "ablation_epochs", "fit_dip", "classifier",
+                "priors", "sampling", "restore", "generation")
+
+
+@dataclass
+class StudyConfig:
+    # jobs.study: the whole study as stages, each one run of another job (dipddpm/study/)
+    executor: Literal["inline", "slurm"] = "inline"  # inline: every stage in this process
+    stages: list[str] = field(default_factory=lambda: list(STUDY_STAGES))  # which kinds run
+    main_T: int = 1000  # T of the DDPM the protocols use and of the training-time table
+    T_values: list[int] = field(default_factory=lambda: [200, 400, 600, 800, 1000])  # both variants
+    epochs: list[float] = field(default_factory=lambda: [5, 10, 15, 20])  # ablation, both variants
+    dip_iters: list[int] = field(default_factory=lambda: [100, 50, 10, 3])  # the variant's ablation
+    sampling_num: int = 16  # images per sampling-time run (ancestral, T steps)
+    # overrides (key=value strings) for every stage, then per stage kind; checked before any runs
+    common: list[str] = field(default_factory=list)
+    train: list[str] = field(default_factory=list)  # every training run, ablations included
+    fit_dip: list[str] = field(default_factory=list)
+    classifier: list[str] = field(default_factory=list)
+    priors: list[str] = field(default_factory=list)
+    sampling: list[str] = field(default_factory=list)
+    restore: list[str] = field(default_factory=list)
+    generation: list[str] = field(default_factory=list)
+
+    def check(self, fail):
+        bad = [s for s in self.stages if s not in STUDY_STAGES]
+        if bad:
+            fail("stages", self.stages, f"{bad[0]!r} is not one of {', '.join(STUDY_STAGES)}")
+        if not self.T_values or any(t < 1 for t in self.T_values):
+            fail("T_values", self.T_values, "must be a non-empty list of T >= 1")
+        if self.main_T not in self.T_values:
+            fail("main_T", self.main_T, f"must be one of study.T_values {self.T_values}")
+        if any(e <= 0 for e in self.epochs):
+            fail("epochs", self.epochs, "must all be > 0")
+        if any(k < 1 for k in self.dip_iters):
+            fail("dip_iters", self.dip_iters, "must all be >= 1")
+        if self.sampling_num < 1:
+            fail("sampling_num", self.sampling_num, "must be >= 1")
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -361,6 +405,7 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

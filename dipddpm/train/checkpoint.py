@@ -39,6 +39,9 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of that epoch this rank has consumed (same on all ranks)
     loss_sum: float = 0.0  # loss accumulated since the last log line (all-reduced, so equal)
     loss_count: int = 0
+    # wall time of the training loop over all segments of a resumed run; the default lets
+    # checkpoints written before this field existed load
+    train_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

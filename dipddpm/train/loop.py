@@ -13,6 +13,10 @@ sequence bit for bit (on CPU; tested). What makes that hold:
   - model, optimizer (and GradScaler) state come back through accelerator.load_state.
 A kill between checkpoints loses the steps since the last one; they are redone identically,
 and metrics.jsonl is trimmed back to the checkpoint so no step appears twice.
+
+train.noise=dip is the study's own variant (dip_noise.py): the same loop, the same t draws, but a
+DIP output stands in for the Gaussian noise. At the end the main process writes
+run.dir/results.json (schema in `write_results`), which the report reads for the study's tables.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -31,11 +36,12 @@ from dipddpm.config import Config, UserError
 from dipddpm.data import batches_per_epoch, make_loader
 from dipddpm.diffusion import Diffusion, ddim_sample
 from dipddpm.models.unet import build_unet, count_parameters
-from dipddpm.runs import METRICS_FILE, SAMPLES_DIR, atomic_write_text, prepare_run_dir, \
-    read_jsonl, seed_everything
+from dipddpm.runs import METRICS_FILE, RESULTS_FILE, SAMPLES_DIR, atomic_write_json, \
+    atomic_write_text, prepare_run_dir, read_jsonl, seed_everything
 from dipddpm.tracking import Tracker
 from dipddpm.train.checkpoint import WEIGHTS_FILE, TrainState, latest_checkpoint, \
     load_checkpoint, save_checkpoint, save_weights
+from dipddpm.train.dip_noise import DipNoise
 from dipddpm.train.ema import EMA
 from dipddpm.train.grid import save_grid
 
@@ -91,6 +97,39 @@ def state_hash(module: torch.nn.Module) -> str:
 
 def crossed(before: int, after: int, every: int) -> bool:
     return after // every > before // every
+
+
+def training_noise(x0: torch.Tensor, gen: torch.Generator, dip_noise, seed: int) -> torch.Tensor:
+    """The noise of the objective: N(0, I) from the step's generator, or in the study's variant
+    the DIP output (its own fp32 graph: call it outside the U-Net's autocast and no_sync)."""
+    if dip_noise is not None:
+        return dip_noise(x0, seed)
+    return torch.randn(x0.shape, device=x0.device, generator=gen)
+
+
+def write_results(run_dir, cfg: Config, state: TrainState, *, params: int, epochs: float,
+                  final_loss, world: int) -> dict:
+    """run.dir/results.json of a training run: one row of the study's training-time and
+    loss-vs-T tables. Keys (the report depends on them):
+      job "train"; variant "ddpm" | "dip_in_training"; model; params (U-Net); T; epochs (data
+      epochs read, fractional); steps; images_seen (all ranks); train_seconds (wall time of the
+      training loop, summed over resumed segments); final_loss (mean loss of the last log
+      interval); dip_iters (null for the Gaussian path); world_size."""
+    dip = cfg.train.noise == "dip"
+    results = {"job": "train", "variant": "dip_in_training" if dip else "ddpm",
+               "model": cfg.model.name, "params": int(params), "T": int(cfg.diffusion.T),
+               "epochs": float(epochs), "steps": int(state.step),
+               "images_seen": int(state.images_seen), "train_seconds": float(state.train_seconds),
+               "final_loss": None if final_loss is None else float(final_loss),
+               "dip_iters": int(cfg.train.dip_iters) if dip else None, "world_size": int(world)}
+    atomic_write_json(Path(run_dir) / RESULTS_FILE, results)
+    return results
+
+
+def _last_logged_loss(run_dir):
+    # a rerun of a finished run logs nothing new: its last interval's loss is in the file
+    rows = [r for r in read_jsonl(Path(run_dir) / METRICS_FILE) if "loss" in r]
+    return rows[-1]["loss"] if rows else None
 
 
 def train(cfg: Config) -> dict:
@@ -156,6 +195,8 @@ def train(cfg: Config) -> dict:
     noise_gen = torch.Generator(device=device)
     loss_sum = torch.tensor(state.loss_sum, device=device)
     sample_gen_seed = cfg.run.seed  # the same noise for every grid: frames of one film
+    dip_noise = DipNoise(cfg.dip, t.dip_iters) if t.noise == "dip" else None
+    final_loss = None
 
     def sample_grid():
         n = t.num_samples
@@ -173,6 +214,9 @@ def train(cfg: Config) -> dict:
                 dynamic_ncols=True, desc="train")
     t_epoch = time.perf_counter()
     train_time, images_at_log = 0.0, state.images_seen  # img/s counts training only
+    # train_seconds: the loop's wall time less the sample grids (monitoring, whose cost is set by
+    # train.num_samples, not by the training); checkpoints and data loading count
+    t_loop, seconds_before, grid_seconds = time.perf_counter(), state.train_seconds, 0.0
     while state.step < total_steps:
         t_step = time.perf_counter()
         lr = lr_at(state.images_seen + images_per_step, cfg, total_images)  # first step: lr > 0
@@ -199,7 +243,8 @@ def train(cfg: Config) -> dict:
                 keys_file.write(f"{state.step} " + " ".join(batch["key"]) + "\n")
             x0 = batch["image"].to(device, non_blocking=True)
             tt = torch.randint(0, diffusion.T, (x0.shape[0],), device=device, generator=noise_gen)
-            noise = torch.randn(x0.shape, device=device, generator=noise_gen)
+            # each micro-batch of the variant gets its own DIP net (seed + micro)
+            noise = training_noise(x0, noise_gen, dip_noise, (seed + micro) % 2**63)
             sync = nullcontext() if micro == t.grad_accum - 1 else acc.no_sync(model)
             with sync:
                 with acc.autocast():
@@ -225,6 +270,7 @@ def train(cfg: Config) -> dict:
 
         if boundary or last:
             mean_loss = (loss_sum / state.loss_count).item()
+            final_loss = mean_loss
             train_time += time.perf_counter() - t_step
             row = {"images_seen": state.images_seen,
                    "epoch": state.epoch + state.batch_in_epoch / epoch_len, "loss": mean_loss, "lr": lr,
@@ -240,14 +286,26 @@ def train(cfg: Config) -> dict:
         else:
             train_time += time.perf_counter() - t_step
         if crossed(before, state.images_seen, t.sample_every_images) or last:
+            t_grid = time.perf_counter()
             sample_grid()
+            grid_seconds += time.perf_counter() - t_grid
         if crossed(before, state.images_seen, t.checkpoint_every_images) or last:
             state.loss_sum = loss_sum.item()
+            state.train_seconds = seconds_before + time.perf_counter() - t_loop - grid_seconds
             save_checkpoint(acc, run_dir, state, ema, t.keep_checkpoints)
     pbar.close()
+    # state.train_seconds was set at the last step's checkpoint (every run ends on one), so a
+    # rerun of a finished run reports the same time as the run itself
 
     if acc.is_main_process:
         save_weights(run_dir / WEIGHTS_FILE, ema, state, model_name=cfg.model.name)
+        if final_loss is None:
+            final_loss = _last_logged_loss(run_dir)
+        results = write_results(run_dir, cfg, state, params=count_parameters(ema.model),
+                                epochs=state.epoch + state.batch_in_epoch / epoch_len,
+                                final_loss=final_loss, world=world)
+        tracker.summary({"train_seconds": results["train_seconds"],
+                         "final_loss": results["final_loss"]})
     if keys_file is not None:
         keys_file.close()
         summary = {"rank": rank, "world": world, "step": state.step,
