@@ -20,7 +20,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 TINY = ["--config", "configs/ddpm_tiny.yaml"]
 SMALL_DIP = ["dip.channels_down=8", "dip.channels_up=8"]  # a fast net for the logic tests
 KEYS = {"job", "variant", "model", "params", "T", "epochs", "steps", "images_seen",
-        "train_seconds", "final_loss", "dip_iters", "world_size"}
+        "train_seconds", "final_loss", "dip_iters", "world_size", "device", "mixed_precision"}
 
 
 @pytest.fixture(scope="module")

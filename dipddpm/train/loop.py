@@ -114,16 +114,21 @@ def write_results(run_dir, cfg: Config, state: TrainState, *, params: int, epoch
       job "train"; variant "ddpm" | "dip_in_training"; model; params (U-Net); T; epochs (data
       epochs read, fractional); steps; images_seen (all ranks); train_seconds (wall time of the
       training loop, summed over resumed segments); final_loss (mean loss of the last log
-      interval); dip_iters (null for the Gaussian path); world_size."""
+      interval); dip_iters (null for the Gaussian path); world_size; device; mixed_precision."""
     dip = cfg.train.noise == "dip"
     results = {"job": "train", "variant": "dip_in_training" if dip else "ddpm",
                "model": cfg.model.name, "params": int(params), "T": int(cfg.diffusion.T),
                "epochs": float(epochs), "steps": int(state.step),
                "images_seen": int(state.images_seen), "train_seconds": float(state.train_seconds),
                "final_loss": None if final_loss is None else float(final_loss),
-               "dip_iters": int(cfg.train.dip_iters) if dip else None, "world_size": int(world)}
+               "dip_iters": int(cfg.train.dip_iters) if dip else None, "world_size": int(world),
+               "device": device_name(), "mixed_precision": cfg.train.mixed_precision}
     atomic_write_json(Path(run_dir) / RESULTS_FILE, results)
     return results
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def _last_logged_loss(run_dir):

@@ -1,0 +1,305 @@
+"""REPORT.md from run dirs: the study's five tables with our numbers beside its own, the
+protocol tables, plots, and a "How to read this" paragraph computed from what is there.
+
+    build_report(cfg, runs_dir)   # what `python -m jobs.report RUNS_DIR` runs
+
+Reads only run dirs (config.yaml, results.json, metrics.jsonl, samples/), never W&B; writes
+RUNS_DIR/REPORT.md (atomically), PNG plots into cfg.run.dir (RUNS_DIR/report by default) and
+logs the same tables and plots to that dir's W&B run. A table whose runs are missing becomes
+one "not run: ..." line.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from dipddpm.config import Config
+from dipddpm.report.discover import Runs, discover
+from dipddpm.report.tables import (DASH, VARIANTS, Table, best_fit, fmt, fmt_loss, main_T,
+                                   rel, study_tables)
+from dipddpm.runs import METRICS_FILE, SAMPLES_DIR, atomic_path, atomic_write_text, read_jsonl
+
+REPORT_FILE = "REPORT.md"
+
+
+# ----------------------------------------------------------------------------- protocol tables
+
+def restoration_tables(runs: Runs) -> list[Table]:
+    out = []
+    for run in runs["restoration"]:
+        res = run.results
+        for name, task in res["tasks"].items():
+            t = Table(f"restoration/{name}", f"Restoration: {name} (`{rel(run.path, runs.root)}`)")
+            t.intro = [f"N = {res.get('num_images')} {res.get('split', '')} images, T = "
+                       f"{res.get('T')}, device {res.get('device')}; direct start t* = "
+                       f"{task.get('t_star') or DASH}; DIP estimates {task.get('dip_source')}. "
+                       "PSNR mean ± std (dB), SSIM vs the clean image; s/image includes the DIP "
+                       "fit. Oracle rows need the clean image: upper bounds, not methods."]
+            t.columns = ["arm", "sampler", "t0", "K", "NFE", "DIP iters", "PSNR", "SSIM",
+                         "s/image"]
+            for r in task["rows"]:
+                t.rows.append([r["arm"] + (" (oracle)" if r.get("oracle") else ""),
+                               fmt(r.get("sampler")), fmt(r.get("t0")), fmt(r.get("steps")),
+                               str(r["nfe"]), f"{r['dip_iters']:.0f}",
+                               f"{r['psnr']:.2f} ± {r.get('psnr_std', 0.0):.2f}",
+                               fmt(r.get("ssim"), 3), f"{r['seconds_per_image']:.3f}"])
+            out.append(t)
+    if not out:
+        out.append(Table("restoration", "Restoration protocol",
+                         not_run="no restoration run (python -m jobs.restore) under RUNS_DIR"))
+    return out
+
+
+def generation_tables(runs: Runs) -> list[Table]:
+    out = []
+    for run in runs["generation"]:
+        res = run.results
+        f = res.get("floor") or {}
+        t = Table(f"generation/{run.name}", f"Generation (`{rel(run.path, runs.root)}`)")
+        t.intro = [f"N = {res.get('n')} samples per arm, T = {res.get('T')}; FID/KID on the "
+                   f"project classifier's features (test accuracy "
+                   f"{(res.get('classifier') or {}).get('test_accuracy')}); real-vs-real floor "
+                   f"at N = {f.get('n')}: FID {fmt(f.get('fid_vs_train'))} (vs train "
+                   f"statistics), KID {fmt(f.get('kid'), 4)}. 'nearest = source': share of "
+                   "samples whose nearest training image is the one the chain started from."]
+        t.columns = ["arm", "t0", "K", "NFE", "FID", "KID", "s/sample", "nearest = source"]
+        for r in res["arms"]:
+            mem = r.get("memorisation") or {}
+            t.rows.append([r["arm"], fmt(r.get("t0")), fmt(r.get("steps")), str(r["nfe"]),
+                           fmt(r["fid"]), fmt(r["kid"], 4), fmt(r.get("seconds_per_sample"), 4),
+                           fmt(mem.get("source_match"))])
+        out.append(t)
+    if not out:
+        out.append(Table("generation", "Generation protocol",
+                         not_run="no generation run (python -m jobs.generate_eval) under "
+                                 "RUNS_DIR"))
+    return out
+
+
+def classifier_tables(runs: Runs) -> list[Table]:
+    out = []
+    for run in runs["classifier"]:
+        c = run.results["classifier"]
+        t = Table(f"classifier/{run.name}",
+                  f"Classifier and FID floors (`{rel(run.path, runs.root)}`)")
+        t.intro = [f"Test accuracy {fmt(c.get('test_accuracy'), 4)} on "
+                   f"{c.get('test_images', '?')} test images. Floors: real vs real at N."]
+        t.columns = ["N", "FID (test vs train, N each)", "FID vs all-train stats", "KID"]
+        for f in run.results["floors"]:
+            t.rows.append([str(f["n"]), fmt(f["fid"]), fmt(f["fid_vs_train"]),
+                           fmt(f["kid"], 4)])
+        out.append(t)
+    if not out:
+        out.append(Table("classifier", "Classifier and FID floors",
+                         not_run="no classifier run (python -m jobs.train_classifier)"))
+    return out
+
+
+# ----------------------------------------------------------------------------- findings
+
+def findings(runs: Runs) -> list[str]:
+    """One sentence per comparison whose numbers are present; nothing is hard-coded."""
+    from dipddpm.dip.study import STUDY_PSNR
+
+    out = []
+    fits = runs["fit_dip"]
+    if fits:
+        run = best_fit(fits)
+        for s, v in run.results["sigma"].items():
+            best = max(v["psnr_mean"])
+            out.append(f"DIP at σ={s} (N = {run.results['num_images']}): the estimate peaks at "
+                       f"{best:.2f} dB against {v['noisy_psnr']:.2f} dB for the noisy input "
+                       f"({best - v['noisy_psnr']:+.2f} dB); the study reported at most "
+                       f"{max(STUDY_PSNR):.2f} dB.")
+    T, at = main_T(runs)
+    if T is not None and len(at) == 2:
+        d, v = at["ddpm"].results, at["dip_in_training"].results
+        if d["final_loss"] and v["final_loss"] is not None:
+            out.append(f"Training at T = {T}: the study's variant ends at loss "
+                       f"{fmt_loss(v['final_loss'])} against {fmt_loss(d['final_loss'])} for "
+                       f"DDPM ({v['final_loss'] / d['final_loss']:.3g}x), and takes "
+                       f"{v['train_seconds'] / max(d['train_seconds'], 1e-9):.2f}x DDPM's "
+                       "training time.")
+    for run in runs["restoration"]:
+        for name, task in run.results["tasks"].items():
+            best = {}
+            for r in task["rows"]:
+                if r.get("oracle"):
+                    continue
+                if r["arm"] not in best or r["psnr"] > best[r["arm"]]["psnr"]:
+                    best[r["arm"]] = r
+            parts = []
+            for arm, label in (("dip_start", "best DIP start"), ("direct", "direct start"),
+                               ("cheap_start", "blur start"), ("dip_budget", "DIP alone"),
+                               ("observation", "the observation")):
+                if arm in best:
+                    r = best[arm]
+                    how = ", ".join(x for x in (f"t0={r['t0']}" if r.get("t0") else "",
+                                                f"{r['nfe']} NFE" if r["nfe"] else "") if x)
+                    parts.append(f"{label} {r['psnr']:.2f} dB" + (f" ({how})" if how else ""))
+            if parts:
+                out.append(f"Restoration {name}: " + ", ".join(parts) + ".")
+            if "dip_start" in best and "direct" in best:
+                gap = best["dip_start"]["psnr"] - best["direct"]["psnr"]
+                out.append(f"There the DIP start is {gap:+.2f} dB against the direct start "
+                           f"(which needs no DIP fit).")
+    for run in runs["generation"]:
+        res = run.results
+        best = {}
+        for r in res["arms"]:
+            if r["arm"] not in best or r["fid"] < best[r["arm"]]["fid"]:
+                best[r["arm"]] = r
+        floor = (res.get("floor") or {}).get("fid_vs_train")
+        parts = [f"{arm} FID {r['fid']:.2f} ({r['nfe'] or 'no'} NFE)" for arm, r in best.items()]
+        if parts:
+            out.append(f"Generation (N = {res.get('n')}, floor {fmt(floor)}): best "
+                       + ", ".join(parts) + ".")
+    return out
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _copy_png(src: Path, dst: Path) -> Path:
+    with atomic_path(dst, suffix=".png") as tmp:
+        shutil.copyfile(src, tmp)
+    return dst
+
+
+def _last_grid(run) -> Optional[Path]:
+    grids = sorted((run.path / SAMPLES_DIR).glob("img-*.png"))  # named by images seen: sortable
+    return grids[-1] if grids else None
+
+
+def make_plots(runs: Runs, out_dir: Path) -> tuple[list, list]:
+    """(plots made or copied into out_dir, images linked where they lie): (title, path)."""
+    from dipddpm.report.plots import fid_vs_nfe_plot, loss_curves_plot
+
+    made, linked = [], []
+    fits = [r for r in runs["fit_dip"] if (r.path / "psnr.png").is_file()]
+    if fits:
+        run = best_fit(fits)
+        made.append(("PSNR vs DIP iterations", _copy_png(run.path / "psnr.png",
+                                                         out_dir / "dip_psnr.png")))
+    T, at = main_T(runs)
+    curves = []
+    for v, run in sorted(at.items()):
+        rows = [r for r in read_jsonl(run.path / METRICS_FILE) if "loss" in r]
+        if rows:
+            curves.append((f"{VARIANTS[v]} ({run.name})", [r["images_seen"] for r in rows],
+                           [r["loss"] for r in rows]))
+    if curves:
+        made.append(("Loss curves", loss_curves_plot(out_dir / "loss_curves.png", curves,
+                                                     title=f"Training loss at T = {T}")))
+    for run in runs["restoration"]:
+        for f in ("psnr_vs_steps.png", "psnr_vs_time.png"):
+            if (run.path / f).is_file():
+                linked.append((f"Restoration {f[:-4].replace('_', ' ')} ({run.name})",
+                               run.path / f))
+    series, floors = [], []
+    for run in runs["generation"]:
+        res = run.results
+        tag = f" ({run.name})" if len(runs["generation"]) > 1 else ""
+        arms: dict = {}
+        for r in res["arms"]:
+            if r["nfe"] > 0:  # the DIP estimates alone run no chain: nothing to put on a log axis
+                key = r["arm"] + (f" t0={r['t0']}" if r["arm"] != "dip_start" and r.get("t0")
+                                  else "")
+                arms.setdefault(key, []).append(r)
+        for arm, rs in arms.items():
+            series.append((arm + tag, [r["nfe"] for r in rs], [r["fid"] for r in rs]))
+        f = (res.get("floor") or {}).get("fid_vs_train")
+        if f is not None:
+            floors.append((f"real-vs-real floor, N = {res['floor'].get('n')}{tag}", f))
+        for r in res["arms"]:
+            if r.get("grid") and (run.path / r["grid"]).is_file():
+                label = r["arm"] + (f" t0={r['t0']}" if r.get("t0") else "") + \
+                    (f" K={r['steps']}" if r.get("steps") else "")
+                linked.append((f"Generation samples: {label}{tag}", run.path / r["grid"]))
+    if series:
+        made.append(("FID vs steps", fid_vs_nfe_plot(out_dir / "fid_vs_steps.png", series,
+                                                     floors)))
+    for v, run in sorted(at.items()):
+        grid = _last_grid(run)
+        if grid is not None:
+            linked.append((f"Samples of {VARIANTS[v]} at T = {T} ({run.name}, {grid.stem})",
+                           grid))
+    return made, linked
+
+
+# ----------------------------------------------------------------------------- assembly
+
+def table_markdown(t: Table) -> list[str]:
+    lines = [f"### {t.heading}", ""]
+    if t.not_run:
+        return lines + [f"not run: {t.not_run}", ""]
+    lines += [*t.intro, ""] if t.intro else []
+    lines += ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in t.rows]
+    lines += [""] + ([*t.notes, ""] if t.notes else [])
+    return lines
+
+
+def report_markdown(runs: Runs, study: list, protocols: list, found: list, images: list,
+                    root: Path) -> str:
+    counts = ", ".join(f"{len(v)} {k}" for k, v in runs.by_kind.items() if v)
+    lines = ["# dipddpm report", "",
+             f"Built from {runs.run_dirs} run dirs under this folder ({counts or 'none usable'}"
+             f"; {len(runs.sampling)} sampling measurements), never from W&B.", "",
+             "## How to read this", ""]
+    lines += [" ".join(found) if found else "No finished runs to compare yet.", "",
+              "The study's numbers (FashionMNIST, Colab T4) stand beside ours; a table whose runs "
+              "are missing says what is missing. The study's variant (DIP+DDPM) replaced the "
+              "Gaussian noise of the DDPM objective with a DIP output, so its loss is not "
+              "comparable with an epsilon-prediction loss: it measures a different target.", "",
+             "## The study's tables, ours beside", ""]
+    for t in study:
+        lines += table_markdown(t)
+    lines += ["## Protocols", ""]
+    for t in protocols:
+        lines += table_markdown(t)
+    lines += ["## Plots", ""]
+    if not images:
+        lines += ["not run: no run dir with plots or sample grids", ""]
+    for title, path in images:
+        lines += [f"### {title}", "", f"![{title}]({Path(rel(path, root)).as_posix()})", ""]
+    if runs.skipped:
+        lines += ["## Run dirs not used", ""]
+        lines += [f"- `{rel(p, root)}`: {why}" for p, why in runs.skipped] + [""]
+    return "\n".join(lines)
+
+
+def build_report(cfg: Config, runs_dir) -> dict:
+    """Discover run dirs under runs_dir, write runs_dir/REPORT.md and plots into cfg.run.dir,
+    log the tables and plots to W&B there; return {"report", "tables", "plots", "runs"}."""
+    from dipddpm.runs import prepare_run_dir
+    from dipddpm.tracking import Tracker
+
+    root = Path(runs_dir)
+    out_dir = Path(cfg.run.dir)
+    runs = discover(root, exclude=[out_dir])  # before any file is written: a wrong
+    # RUNS_DIR leaves nothing behind
+    prepare_run_dir(cfg)
+    study = study_tables(runs)
+    protocols = restoration_tables(runs) + generation_tables(runs) + classifier_tables(runs)
+    made, linked = make_plots(runs, out_dir)
+    found = findings(runs)
+    text = report_markdown(runs, study, protocols, found, made + linked, root)
+    atomic_write_text(root / REPORT_FILE, text)
+    with Tracker(out_dir, cfg, "report") as tracker:
+        for t in study + protocols:
+            if not t.not_run:
+                tracker.log_table(t.key, t.columns, t.rows, step=0)
+        for title, path in made:
+            tracker.log_image(f"plot/{path.stem}", path, step=0)
+        for title, path in linked:  # plots and grids of other runs, under their run's name
+            name = re.sub(r"[^A-Za-z0-9_/-]", "_", Path(rel(path, root)).with_suffix("").as_posix())
+            tracker.log_image(f"linked/{name}", path, step=0)
+        tracker.summary({"findings": " ".join(found),
+                         "not_run": [t.key for t in study + protocols if t.not_run]})
+    print(f"{root / REPORT_FILE}: {sum(not t.not_run for t in study)} of {len(study)} study "
+          f"tables, {sum(not t.not_run for t in protocols)} protocol tables, "
+          f"{len(made)} plots in {out_dir}")
+    return {"report": root / REPORT_FILE, "tables": study + protocols,
+            "plots": [p for _, p in made], "runs": runs}
