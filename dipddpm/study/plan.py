@@ -1,0 +1,150 @@
+"""The study as a list of stages: each stage is one run of an existing job, in its own run dir.
+
+    study.run.dir/
+      train/<variant>-T<T>/                  loss vs T, sampling time vs T, training time (both variants)
+      ablation/dip_in_training-dip_iters<k>/ the variant's DIP-iteration ablation at main_T
+      ablation/<variant>-epochs<e>/          the epoch ablation at main_T
+      fit_dip/                               the DIP PSNR-vs-iterations table
+      classifier/                            the FID/KID feature net and its real-vs-real floors
+      priors/                                DIP priors of training images (the generation DIP start)
+      sampling/<variant>-T<T>/               T-step ancestral sampling of study.sampling_num images
+      restore/  generation/                  the two protocols, on the DDPM trained at main_T
+      REPORT.md                              jobs.report over all of the above
+
+A stage's argv is `--config <the job's own config> <derived> <study.common> <study.<kind>>
+<the stage's own keys> run.dir=<its dir>`: the study file holds only what differs from the jobs'
+defaults (its scale), and the stage's own keys (T, variant, checkpoint) always win. Stages come
+in waves; a stage reads only run dirs of earlier waves. Every stage's config is loaded here,
+before anything runs, so a bad override is one line naming the stage instead of a failure an
+hour later.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from dipddpm.config import Config, ConfigError, load_config
+
+VARIANTS = {"ddpm": [], "dip_in_training": ["train.noise=dip"]}
+# each stage kind: the job it runs, the config it starts from, its wave
+KINDS = {
+    "train": ("train", "configs/ddpm.yaml", 0),
+    "ablation_dip_iters": ("train", "configs/ddpm.yaml", 0),
+    "ablation_epochs": ("train", "configs/ddpm.yaml", 0),
+    "fit_dip": ("fit_dip", "configs/dip_denoise.yaml", 0),
+    "classifier": ("train_classifier", "configs/classifier.yaml", 0),
+    "priors": ("precompute_priors", "configs/priors.yaml", 0),
+    "sampling": ("sample", "configs/ddpm.yaml", 1),
+    "restore": ("restore", "configs/restore.yaml", 1),
+    "generation": ("generate_eval", "configs/generation.yaml", 1),
+}
+# study settings every stage inherits, so one data.dir / seed / W&B project serves the study
+INHERITED = ("run.seed", "data.dir", "data.source", "data.num_workers", "wandb.mode",
+             "wandb.project", "wandb.entity", "classifier.dir")
+
+
+@dataclass
+class Stage:
+    name: str  # also its run dir, relative to the study's run.dir
+    kind: str
+    job: str  # jobs.<job>
+    wave: int
+    argv: list[str]
+    cfg: Config
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def _fmt(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _inherited(cfg: Config) -> list[str]:
+    out = []
+    for key in INHERITED:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value != "":
+            out.append(f"{key}={_fmt(value)}")
+    return out
+
+
+def plan_study(cfg: Config, study_dir: Path) -> list[Stage]:
+    """Every stage of the study in cfg.study.stages, in wave order, configs loaded and checked."""
+    st = cfg.study
+    root = project_root()
+    base = _inherited(cfg) + [f"wandb.group={study_dir.name}"] + list(st.common)
+    stages: list[Stage] = []
+
+    def add(kind: str, name: str, own: list[str]):
+        job, config, wave = KINDS[kind]
+        run_dir = study_dir / name
+        extra = getattr(st, "train" if kind.startswith("ablation") else kind)
+        argv = ["--config", str(root / config), *base, *extra, *own, f"run.dir={run_dir}"]
+        try:
+            stage_cfg = load_config(argv[1], argv[2:])
+        except ConfigError as e:
+            raise ConfigError(f"study stage {name}: {e}") from None
+        stages.append(Stage(name, kind, job, wave, argv, stage_cfg))
+        return stage_cfg
+
+    def train_dir(variant: str, T: int) -> Path:
+        return study_dir / f"train/{variant}-T{T}"
+
+    wanted = set(st.stages)
+    # the main runs' settings, to skip ablation points that are those very runs
+    main = {v: load_config(str(root / KINDS["train"][1]),
+                           base + list(st.train) + flags + [f"diffusion.T={st.main_T}"])
+            for v, flags in VARIANTS.items()}
+    if "train" in wanted:
+        for T in st.T_values:
+            for variant, flags in VARIANTS.items():
+                add("train", f"train/{variant}-T{T}", [*flags, f"diffusion.T={T}"])
+    if "ablation_dip_iters" in wanted:
+        for k in st.dip_iters:
+            if k != main["dip_in_training"].train.dip_iters:
+                add("ablation_dip_iters", f"ablation/dip_in_training-dip_iters{k}",
+                    [*VARIANTS["dip_in_training"], f"diffusion.T={st.main_T}",
+                     f"train.dip_iters={k}"])
+    if "ablation_epochs" in wanted:
+        for e in st.epochs:
+            for variant, flags in VARIANTS.items():
+                if e != main[variant].train.epochs:
+                    add("ablation_epochs", f"ablation/{variant}-epochs{e:g}",
+                        [*flags, f"diffusion.T={st.main_T}", f"train.epochs={e}"])
+    if "fit_dip" in wanted:
+        add("fit_dip", "fit_dip", [])
+    if "classifier" in wanted:
+        add("classifier", "classifier", [])
+    priors_dir = None
+    if "priors" in wanted:
+        # the generation protocol's DIP start needs priors of training images
+        from dipddpm.dip.priors import prior_dir
+
+        priors_dir = prior_dir(add("priors", "priors", ["priors.split=train"]))
+    if "sampling" in wanted:
+        for T in st.T_values:
+            for variant in VARIANTS:
+                add("sampling", f"sampling/{variant}-T{T}",
+                    [f"sample.checkpoint={train_dir(variant, T)}", "sample.sampler=ddpm",
+                     f"sample.num={st.sampling_num}", f"sample.batch_size={st.sampling_num}"])
+    checkpoint = f"protocol.checkpoint={train_dir('ddpm', st.main_T)}"
+    if "restore" in wanted:
+        add("restore", "restore", [checkpoint])
+    if "generation" in wanted:
+        own = [checkpoint] + ([f"protocol.gen_priors_dir={priors_dir}"] if priors_dir else [])
+        add("generation", "generation", own)
+    return sorted(stages, key=lambda s: s.wave)  # stable: plan order within a wave
+
+
+def describe(stages: list[Stage], argv: bool = False) -> str:
+    lines = []
+    for s in stages:
+        lines.append(f"  wave {s.wave}  {s.name:<40} jobs.{s.job}")
+        if argv:
+            lines.append(f"      python -m jobs.{s.job} {shlex.join(s.argv)}")
+    return "\n".join(lines)
+

@@ -1,0 +1,127 @@
+"""Run the study's stages: here, one after another (inline), or as one SLURM array per wave.
+
+Every stage runs through `StageTask`, in this process or in an array task, so both executors
+leave the same files: the job's own run dir plus `stage.json` ({"job", "argv", "seconds"}),
+written last. A stage whose stage.json holds the same argv is done and skipped; any other is
+(re)run, and every job resumes from what its run dir already holds. So rerunning the study
+after a crash, a timeout or a changed setting redoes only what is missing or changed.
+
+The data is prepared first, here, when data.dir has no dataset yet (seconds), and the report
+is written last, here, from the run dirs alone.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from pathlib import Path
+
+import submitit
+
+from dipddpm.config import Config, UserError
+from dipddpm.launch.task import RESUME, JobTask
+from dipddpm.runs import atomic_write_json, prepare_run_dir
+from dipddpm.study.plan import Stage, describe, plan_study
+
+STAGE_FILE = "stage.json"
+
+
+def run_dir_of(argv: list[str]) -> Path:
+    return Path(next(a for a in reversed(argv) if a.startswith("run.dir=")).split("=", 1)[1])
+
+
+def is_done(argv: list[str]) -> bool:
+    path = run_dir_of(argv) / STAGE_FILE
+    try:
+        return json.loads(path.read_text())["argv"] == argv
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+class StageTask(submitit.helpers.Checkpointable):
+    """`task(job, argv)`: run jobs.<job>.main(argv), then write stage.json. One object serves a
+    whole wave's array; on preemption the task is requeued with run.resume=true."""
+
+    def __call__(self, job: str, argv: list[str]):
+        start = time.perf_counter()
+        JobTask(job, project_root=str(Path(__file__).resolve().parents[2]))(argv)
+        argv = [a for a in argv if a != RESUME]
+        atomic_write_json(run_dir_of(argv) / STAGE_FILE,
+                          {"job": job, "argv": argv, "seconds": time.perf_counter() - start})
+
+    def checkpoint(self, job: str, argv: list[str]):
+        argv = list(argv) if RESUME in argv else list(argv) + [RESUME]
+        return submitit.helpers.DelayedSubmission(self, job, argv)
+
+
+def _prepare_data(cfg: Config, config_path: str, overrides: list[str]) -> None:
+    """Shards from data.source (or $DIPDDPM_DATA) unless data.dir already holds a dataset."""
+    if (Path(cfg.data.dir) / "manifest.json").exists():
+        return
+    from jobs.prepare_data import main as prepare
+
+    prepare(["--config", config_path, *overrides])
+
+
+def _run_inline(stages: list[Stage]) -> None:
+    task = StageTask()
+    for i, s in enumerate(stages, 1):
+        if is_done(s.argv):
+            print(f"[{i}/{len(stages)}] {s.name}: done, skipped", flush=True)
+            continue
+        print(f"[{i}/{len(stages)}] {s.name}: jobs.{s.job}", flush=True)
+        start = time.perf_counter()
+        try:
+            task(s.job, s.argv)
+        except UserError as e:
+            raise UserError(f"study stage {s.name}: {e}") from None
+        print(f"[{i}/{len(stages)}] {s.name}: {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def _run_slurm(cfg: Config, stages: list[Stage], study_dir: Path) -> None:
+    from dipddpm.launch.plan import Plan
+    from dipddpm.launch.submit import slurm_executor
+
+    for wave in sorted({s.wave for s in stages}):
+        todo = [s for s in stages if s.wave == wave and not is_done(s.argv)]
+        if not todo:
+            continue
+        plan = Plan(name=f"{study_dir.name}-wave{wave}", job="study",
+                    folder=str(study_dir / "submissions" / f"wave{wave}"), config="",
+                    overrides=[], grid=None, array=None, cwd=str(Path.cwd()), cfg=cfg)
+        ex = slurm_executor(plan)
+        jobs = ex.map_array(StageTask(), [s.job for s in todo], [s.argv for s in todo])
+        print(f"wave {wave}: {len(todo)} stage(s) in array {jobs[0].job_id.split('_')[0]}",
+              flush=True)
+        failed = []
+        for s, j in zip(todo, jobs):
+            try:
+                j.result()
+            except Exception as e:  # noqa: BLE001 - any task failure is reported the same way
+                last = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+                failed.append(f"{s.name} (job {j.job_id}): {last[-1] if last else e}")
+        if failed:
+            raise UserError(f"wave {wave}: {len(failed)} stage(s) failed: " + "; ".join(failed))
+
+
+def run_study(cfg: Config, config_path: str, overrides: list[str], *,
+              dry_run: bool = False) -> Path:
+    """Prepare the data, run every stage not yet done, write REPORT.md; return its path."""
+    study_dir = Path(cfg.run.dir)
+    stages = plan_study(cfg, study_dir)
+    print(f"study {study_dir}: {len(stages)} stage(s), executor {cfg.study.executor}\n"
+          f"{describe(stages, argv=dry_run)}", flush=True)
+    if dry_run:
+        return study_dir / "REPORT.md"
+    prepare_run_dir(cfg)
+    start = time.perf_counter()
+    _prepare_data(cfg, config_path, overrides)
+    if cfg.study.executor == "slurm":
+        _run_slurm(cfg, stages, study_dir)
+    else:
+        _run_inline(stages)
+    report = importlib.import_module("jobs.report")
+    report.main(["--config", config_path, str(study_dir), *overrides,
+                 f"run.dir={study_dir / 'report'}"])
+    print(f"study done in {time.perf_counter() - start:.0f} s: {study_dir / 'REPORT.md'}")
+    return study_dir / "REPORT.md"

@@ -1,0 +1,121 @@
+"""jobs.study: the plan of stages, a whole micro study inline, and one wave as a SLURM array."""
+import json
+from pathlib import Path
+
+import pytest
+
+from dipddpm.config import ConfigError, load_config
+from dipddpm.study.plan import plan_study
+from tests.conftest import REPO, make_shards, run_module
+
+QUICKSTART = str(REPO / "configs/quickstart.yaml")
+# Every stage at toy size: a study that runs end to end in about a minute.
+MICRO = [
+    "study.T_values=[10, 20]", "study.main_T=20", "study.epochs=[0.25]", "study.dip_iters=[1]",
+    "study.sampling_num=2",
+    "study.common=[model.name=unet-tiny, dip.channels_down=8, dip.channels_up=8, "
+    "dip.channels_skip=2, wandb.mode=disabled]",
+    "study.train=[train.epochs=0.5, train.batch_size=16, train.warmup_images=16, "
+    "train.log_every_images=16, train.num_samples=4, train.sample_steps=2]",
+    "study.fit_dip=[dip.num_images=2, 'dip.sigmas=[25]', dip.iters=4, dip.record_every=2, "
+    "dip.batch_size=2, dip.es_window=2, dip.es_patience=2]",
+    "study.classifier=[classifier.max_steps=2, classifier.batch_size=16, 'classifier.floor_ns=[4]', "
+    "classifier.kid_subset=2, classifier.kid_subsets=2]",
+    "study.restore=[protocol.num_images=2, 'protocol.tasks=[denoise]', 'protocol.sigmas=[25]', "
+    "'protocol.t0s=[5]', 'protocol.steps=[2]', 'protocol.samplers=[ddim]', dip.iters=3, "
+    "dip.batch_size=2]",
+    "study.generation=[protocol.gen_num=4, 'protocol.gen_ddim_steps=[2]', protocol.gen_ddpm=false, "
+    "'protocol.gen_t0s=[5]', protocol.gen_steps=2, protocol.batch_size=4, dip.iters=3, "
+    "classifier.fid_num=4, classifier.kid_subset=2, classifier.kid_subsets=2]",
+    "study.stages=[train, ablation_dip_iters, ablation_epochs, fit_dip, classifier, sampling, "
+    "restore, generation]",
+]
+
+
+def test_quickstart_plan_has_every_table_and_skips_the_main_points(tmp_path):
+    cfg = load_config(QUICKSTART, [f"run.dir={tmp_path}"])
+    stages = plan_study(cfg, tmp_path)
+    names = [s.name for s in stages]
+    for T in cfg.study.T_values:
+        assert f"train/ddpm-T{T}" in names and f"train/dip_in_training-T{T}" in names
+        assert f"sampling/dip_in_training-T{T}" in names
+    # the main variant run is the ablations' other point: not trained twice
+    assert "ablation/dip_in_training-dip_iters1" in names
+    assert not any("dip_iters3" in n or "epochs0.01" in n for n in names)
+    assert [s.wave for s in stages] == sorted(s.wave for s in stages)
+    by_name = {s.name: s for s in stages}
+    variant = by_name["train/dip_in_training-T600"].cfg
+    assert variant.train.noise == "dip" and variant.diffusion.T == 600
+    assert variant.model.name == "unet-tiny" and variant.train.batch_size == 32
+    assert by_name["train/ddpm-T600"].cfg.train.noise == "gaussian"
+    gen = by_name["generation"].cfg
+    assert gen.protocol.checkpoint == str(tmp_path / "train/ddpm-T1000")
+    assert gen.classifier.dir == by_name["classifier"].cfg.classifier.dir  # same feature net
+    assert by_name["fit_dip"].cfg.dip.channels_down == 128  # the study's net for its table
+
+
+def test_bad_stage_override_names_the_stage(tmp_path):
+    cfg = load_config(QUICKSTART, [f"run.dir={tmp_path}", "study.fit_dip=[dip.iters=0]"])
+    with pytest.raises(ConfigError, match=r"study stage fit_dip: .*dip.iters = 0"):
+        plan_study(cfg, tmp_path)
+    with pytest.raises(ConfigError, match=r"study.main_T = 7: must be one of study.T_values"):
+        load_config(QUICKSTART, ["study.main_T=7"])
+    r = run_module("jobs.study", f"run.dir={tmp_path / 'x'}", "study.stages=[train, plots]")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: command line: study.stages")
+
+
+@pytest.fixture(scope="module")
+def micro_data(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("study"), 64, 16, 16)
+
+
+def _stage_files(study: Path):
+    return {str(p.parent.relative_to(study)): json.loads(p.read_text())
+            for p in study.rglob("stage.json")}
+
+
+@pytest.mark.slow
+def test_micro_study_inline_writes_the_report_and_a_rerun_skips_everything(micro_data, tmp_path):
+    study = tmp_path / "study"
+    args = [f"run.dir={study}", f"data.dir={micro_data}", "wandb.mode=disabled",
+            f"classifier.dir={tmp_path / 'classifier'}", *MICRO]
+    r = run_module("jobs.study", *args, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stages = _stage_files(study)
+    assert len(stages) == 4 + 1 + 2 + 1 + 1 + 4 + 1 + 1
+    assert stages["train/dip_in_training-T20"]["job"] == "train"
+    train = json.loads((study / "train/dip_in_training-T20/results.json").read_text())
+    assert train["variant"] == "dip_in_training" and train["T"] == 20
+    report = (study / "REPORT.md").read_text()
+    assert "34 min 18.67 s" in report  # the study's training time, beside ours
+    assert "0.065" in report and "6.71" in report
+    # everything is done: a rerun only writes the report again
+    r = run_module("jobs.study", *args, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("done, skipped") == len(stages)
+    assert _stage_files(study) == stages
+    # a changed setting reruns exactly the stages it reaches
+    r = run_module("jobs.study", *args, "study.sampling_num=3", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("done, skipped") == len(stages) - 4
+    assert _stage_files(study)["sampling/ddpm-T10"]["argv"] != stages["sampling/ddpm-T10"]["argv"]
+
+
+@pytest.mark.slow
+def test_micro_study_runs_each_wave_as_a_slurm_array(slurm_cluster, micro_data, tmp_path):
+    study = tmp_path / "study"
+    r = run_module("jobs.study", f"run.dir={study}", f"data.dir={micro_data}", *MICRO,
+                   "study.stages=[train, fit_dip, sampling]", "study.T_values=[20]",
+                   "study.executor=slurm", "launch.mem_gb=1", timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "wave 0: 3 stage(s) in array" in r.stdout and "wave 1: 2 stage(s) in array" in r.stdout
+    stages = _stage_files(study)
+    assert sorted(stages) == ["fit_dip", "sampling/ddpm-T20", "sampling/dip_in_training-T20",
+                              "train/ddpm-T20", "train/dip_in_training-T20"]
+    # each stage ran in its own array task, with submitit's logs beside the study
+    logs = list((study / "submissions").rglob("*_log.out"))
+    assert len(logs) == 5
+    samples = list((study / "sampling/ddpm-T20/samples").glob("*.json"))
+    assert json.loads(samples[0].read_text())["nfe_per_sample"] == 20
+    assert (study / "REPORT.md").exists()
