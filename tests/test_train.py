@@ -183,3 +183,15 @@ def test_ema_decay_warms_up_and_the_ema_follows():
     assert torch.allclose(ema.model.weight, before + 0.1)
     ema.update(net, 0.0)
     assert torch.equal(ema.model.weight, net.weight)
+
+
+def test_bf16_autocast_keeps_the_loss_curve_of_fp32(full_run, tiny_shards, tmp_path):
+    """The mixed-precision fast path trains the same model: same batches, same t and noise,
+    losses within bf16's rounding of the fp32 run's, step by step."""
+    run = tmp_path / "bf16"
+    train(run, tiny_shards, *RUN, "train.max_steps=10", "train.mixed_precision=bf16")
+    fp32, bf16 = losses(full_run), losses(run)
+    assert [r[:2] for r in bf16] == [r[:2] for r in fp32]  # same steps, same images
+    a, b = np.array([r[2] for r in fp32]), np.array([r[2] for r in bf16])
+    assert np.all(np.abs(a - b) <= 0.05 * a), (a, b)
+    assert not np.array_equal(a, b)  # it did run in bf16
