@@ -44,12 +44,12 @@ def test_quickstart_plan_has_every_table_and_skips_the_main_points(tmp_path):
     assert not any("dip_iters3" in n or "epochs0.01" in n for n in names)
     assert [s.wave for s in stages] == sorted(s.wave for s in stages)
     by_name = {s.name: s for s in stages}
-    variant = by_name["train/dip_in_training-T600"].cfg
-    assert variant.train.noise == "dip" and variant.diffusion.T == 600
+    variant = by_name["train/dip_in_training-T250"].cfg
+    assert variant.train.noise == "dip" and variant.diffusion.T == 250
     assert variant.model.name == "unet-tiny" and variant.train.batch_size == 32
-    assert by_name["train/ddpm-T600"].cfg.train.noise == "gaussian"
+    assert by_name["train/ddpm-T250"].cfg.train.noise == "gaussian"
     gen = by_name["generation"].cfg
-    assert gen.protocol.checkpoint == str(tmp_path / "train/ddpm-T1000")
+    assert gen.protocol.checkpoint == str(tmp_path / "train/ddpm-T500")
     assert gen.classifier.dir == by_name["classifier"].cfg.classifier.dir  # same feature net
     assert by_name["fit_dip"].cfg.dip.channels_down == 128  # the study's net for its table
 
