@@ -289,9 +289,16 @@ class ClassifierConfig:
     kid_subsets: int = 100  # KID: number of random subsets averaged
     # jobs.train_classifier computes (and caches) the real-vs-real FID floor at these N
     floor_ns: list[int] = field(default_factory=lambda: [1000, 5000])
+    # Optional Inception FID beside the classifier's (dipddpm/evaluate/inception.py): a
+    # torchvision inception_v3 state dict file; empty = off. The generation protocol then adds
+    # "fid_inception" to every arm and to the floor.
+    inception_weights: str = ""
+    inception_ref_num: int = 10000  # train images behind the cached Inception reference stats
+    inception_batch_size: int = 32  # images per Inception forward (299x299: ~6 GFLOP each)
 
     def check(self, fail):
-        for key in ("batch_size", "feature_dim", "fid_num", "kid_subset", "kid_subsets"):
+        for key in ("batch_size", "feature_dim", "fid_num", "kid_subset", "kid_subsets",
+                    "inception_batch_size"):
             if getattr(self, key) < 1:
                 fail(key, getattr(self, key), "must be >= 1")
         if self.epochs <= 0 and self.max_steps is None:
@@ -302,7 +309,7 @@ class ClassifierConfig:
             fail("lr", self.lr, "must be > 0")
         if any(n < 2 for n in self.floor_ns):
             fail("floor_ns", self.floor_ns, "every N must be >= 2")
-        for key in ("fid_num", "kid_subset"):
+        for key in ("fid_num", "kid_subset", "inception_ref_num"):
             if getattr(self, key) < 2:
                 fail(key, getattr(self, key), "FID and KID need at least 2 images")
 

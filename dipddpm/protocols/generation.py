@@ -12,15 +12,21 @@ Every FID states N (protocol.gen_num) and the real-vs-real floor at that N
 (`dipddpm.evaluate.real_vs_real_floor`: N test images against the train statistics, the
 reference every sample FID here uses). Features come from the project's FashionMNIST classifier
 (jobs.train_classifier), so the numbers compare only with numbers from the same classifier.
+With classifier.inception_weights set, every arm and the floor also get "fid_inception": FID on
+torchvision inception_v3 pool features against the first classifier.inception_ref_num train
+images (dipddpm/evaluate/inception.py; close to, not identical with, published Inception FIDs).
+Without it the results carry no such key.
 
 results.json:
   {"protocol": "generation", "n": N, "T": int, "device": str, "model": {...},
    "classifier": {"sha256", "test_accuracy"},
-   "floor": {"n", "fid", "fid_vs_train", "kid", "kid_std", ...},
+   "floor": {"n", "fid", "fid_vs_train", "kid", "kid_std", ..., ["fid_inception"]},
+   ["inception": {"weights", "sha256", "ref_num"}],
    "dip_source": "fitted" | "priors:<dir>", "dip_seconds_per_image": float,
    "arms": [{"arm": "ddpm" | "ddim" | "dip_start" | "dip_estimate", "steps": int|null,
              "t0": int|null, "nfe": int, "dip_iters": float, "passes": float,
-             "fid": float, "kid": float, "kid_std": float, "seconds_per_sample": float,
+             "fid": float, "kid": float, "kid_std": float, ["fid_inception": float,]
+             "seconds_per_sample": float,
              "grid": "samples/<tag>.png",
              "memorisation": null | {"pixels": {...}, "features": {...},
                                      "source_match": float, "source_distance_median": float}}]}
@@ -138,8 +144,18 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
     n = p.gen_num
     c = cfg.classifier
     kid_subset = min(c.kid_subset, n)
+    inc = None
+    if c.inception_weights:  # loaded first: a bad weights file fails before any real work
+        from dipddpm.evaluate.classifier import classifier_dir
+        from dipddpm.evaluate.inception import floor_fid, inception_fid, load_inception
+
+        inc = load_inception(c.inception_weights, device, c.inception_batch_size)
+        inc_dir = classifier_dir(cfg)
     floor = real_vs_real_floor(clf, data_dir, n, seed=seed, kid_subset=kid_subset,
                                kid_subsets=c.kid_subsets)
+    if inc is not None:
+        floor = {**floor, "fid_inception": floor_fid(inc, data_dir, inc_dir, n,
+                                                     c.inception_ref_num, seed)}
     arms = []
 
     def add(arm, x, *, steps=None, t0=None, nfe=0, dip_iters=0.0, seconds=0.0, mem=None):
@@ -150,9 +166,14 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
                "dip_iters": float(dip_iters), "passes": float(nfe + dip_iters), "fid": m["fid"],
                "kid": m["kid"], "kid_std": m["kid_std"], "seconds_per_sample": float(seconds),
                "grid": f"{SAMPLES_DIR}/{tag}.png", "memorisation": mem}
+        extra = ""
+        if inc is not None:
+            row["fid_inception"] = inception_fid(inc, data_dir, inc_dir, x, c.inception_ref_num)
+            extra = f"  Inception FID {row['fid_inception']:.2f} " \
+                    f"(floor {floor['fid_inception']:.2f})"
         arms.append(row)
         log(f"  {arm:<12} t0={t0 or '':<5} K={steps or '':<5} nfe={nfe:<5} FID {m['fid']:.2f} "
-            f"(floor {floor['fid_vs_train']:.2f} at N={n})  KID {m['kid']:.4f}")
+            f"(floor {floor['fid_vs_train']:.2f} at N={n})  KID {m['kid']:.4f}{extra}")
 
     bs = p.batch_size
     if p.gen_ddpm:
@@ -176,10 +197,16 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
                           steps=p.gen_steps, t0=t0, u_hat=u_hat)
         add("dip_start", x, steps=p.gen_steps, t0=t0, nfe=nfe, dip_iters=iters,
             seconds=s + dip_s, mem=_memorisation(clf, data_dir, x, keys))
-    return {"protocol": "generation", "n": n, "T": diffusion.T, "device": str(device),
-            "model": info or {}, "classifier": {"sha256": clf.sha256,
-                                                "test_accuracy": clf.metrics.get("test_accuracy")},
-            "floor": floor, "dip_source": source, "dip_seconds_per_image": dip_s, "arms": arms}
+    results = {"protocol": "generation", "n": n, "T": diffusion.T, "device": str(device),
+               "model": info or {},
+               "classifier": {"sha256": clf.sha256,
+                              "test_accuracy": clf.metrics.get("test_accuracy")},
+               "floor": floor, "dip_source": source, "dip_seconds_per_image": dip_s,
+               "arms": arms}
+    if inc is not None:
+        results["inception"] = {"weights": str(inc.path), "sha256": inc.sha256,
+                                "ref_num": c.inception_ref_num}
+    return results
 
 
 def _source_match(r: dict):
@@ -195,10 +222,17 @@ def table_markdown(results: dict) -> str:
              f"Real-vs-real floor at N = {f['n']}: FID {f['fid_vs_train']:.2f} (N test images vs "
              f"train stats), {f['fid']:.2f} (two disjoint real sets of N), KID {f['kid']:.4f}. "
              f"T = {results['T']}; DIP estimates of training images: {results['dip_source']} "
-             f"({results['dip_seconds_per_image']:.2f} s/image), device {results['device']}.", "",
-             "| arm | t0 | K | NFE | DIP iters | FID | KID | s/sample | NN dist. ratio (px) "
-             "| nearer than 99% of test | nearest = source |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"({results['dip_seconds_per_image']:.2f} s/image), device {results['device']}.", ""]
+    inc = results.get("inception")
+    if inc:
+        lines += [f"Inception FID: torchvision inception_v3 pool features ({inc['weights']}, "
+                  f"sha256 {inc['sha256'][:16]}) against the first {inc['ref_num']} train images; "
+                  f"floor {f['fid_inception']:.2f} at N = {f['n']}. Close to, not identical with, "
+                  f"published Inception FIDs.", ""]
+    lines += ["| arm | t0 | K | NFE | DIP iters | FID | KID | s/sample | NN dist. ratio (px) "
+              "| nearer than 99% of test | nearest = source |"
+              + (" Inception FID |" if inc else ""),
+              "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if inc else "")]
     for r in results["arms"]:
         mem = r["memorisation"]
         ratio = f"{mem['pixels']['ratio_median']:.2f}" if mem else "—"
@@ -207,7 +241,8 @@ def table_markdown(results: dict) -> str:
         lines.append(f"| {r['arm']} | {r['t0'] or '—'} | {r['steps'] or '—'} | {r['nfe']} "
                      f"| {r['dip_iters']:.0f} | {r['fid']:.2f} | {r['kid']:.4f} "
                      f"| {r['seconds_per_sample']:.4f} | {ratio} | {close} "
-                     f"| {'—' if src is None else f'{src:.2f}'} |")
+                     f"| {'—' if src is None else f'{src:.2f}'} |"
+                     + (f" {r['fid_inception']:.2f} |" if inc else ""))
     lines += ["", "NN dist. ratio: median distance of a sample to its nearest training image over "
               "the same for real test images (well below 1: copies). 'nearest = source': the "
               "fraction of DIP-start samples whose nearest training image is the image the "
@@ -276,6 +311,8 @@ def run_generation(cfg: Config, device=None) -> dict:
             tag = r["arm"] + (f"_t0{r['t0']}" if r["t0"] else "") + \
                 (f"_k{r['steps']}" if r["steps"] else "")
             summary[f"fid/{tag}"] = r["fid"]
+            if "fid_inception" in r:
+                summary[f"fid_inception/{tag}"] = r["fid_inception"]
         tracker.log(summary, step=0)
         tracker.summary(summary)
     return results

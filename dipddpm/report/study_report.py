@@ -64,12 +64,19 @@ def generation_tables(runs: Runs) -> list[Table]:
                    f"at N = {f.get('n')}: FID {fmt(f.get('fid_vs_train'))} (vs train "
                    f"statistics), KID {fmt(f.get('kid'), 4)}. 'nearest = source': share of "
                    "samples whose nearest training image is the one the chain started from."]
-        t.columns = ["arm", "t0", "K", "NFE", "FID", "KID", "s/sample", "nearest = source"]
+        inception = "inception" in res  # the optional Inception FID (classifier.inception_weights)
+        if inception:
+            t.intro.append(f"Inception FID (torchvision inception_v3, reference: the first "
+                           f"{res['inception']['ref_num']} train images; close to, not identical "
+                           f"with, published Inception FIDs): floor {fmt(f.get('fid_inception'))}.")
+        t.columns = ["arm", "t0", "K", "NFE", "FID", "KID", "s/sample", "nearest = source"] \
+            + (["Inception FID"] if inception else [])
         for r in res["arms"]:
             mem = r.get("memorisation") or {}
             t.rows.append([r["arm"], fmt(r.get("t0")), fmt(r.get("steps")), str(r["nfe"]),
                            fmt(r["fid"]), fmt(r["kid"], 4), fmt(r.get("seconds_per_sample"), 4),
-                           fmt(mem.get("source_match"))])
+                           fmt(mem.get("source_match"))]
+                          + ([fmt(r.get("fid_inception"))] if inception else []))
         out.append(t)
     if not out:
         out.append(Table("generation", "Generation protocol",
