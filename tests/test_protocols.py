@@ -212,6 +212,7 @@ def test_restore_job_writes_results_table_plots_and_wandb(tiny_world, tmp_path):
         assert [r["oracle"] for r in t["rows"] if r["arm"] == "dip_oracle"] == [True]
         by = {r["arm"]: r for r in t["rows"] if r["sampler"] is None}
         assert by["dip_oracle"]["psnr"] >= by["dip_budget"]["psnr"] - 1e-6
+        assert by["dip_oracle"]["psnr"] >= by["dip_es_wmv"]["psnr"] - 1e-6
         # (dip_start, ddpm, t0 in {5, 10}, K in {2, t0}) and ddim alike: 8 chains per start
         assert sum(r["arm"] == "dip_start" for r in t["rows"]) == 8
     assert res["tasks"]["denoise-s25"]["t_star"] < res["tasks"]["denoise-s50"]["t_star"] <= 30

@@ -10,8 +10,8 @@ restores the same observations:
   dip_budget    DIP estimate (output EMA) after dip.iters iterations         dip.iters
   dip_es_wmv    DIP estimate at ES-WMV's pick (no clean image needed); its compute is the
                 iterations ES-WMV runs to decide: pick + es_patience (capped at dip.iters)
-  dip_oracle    DIP estimate at each image's best iteration: needs the clean image, an upper
-                bound, never a method (flagged "oracle": true)
+  dip_oracle    the best DIP output (raw or EMA) at each image's best iteration: needs the
+                clean image, an upper bound, never a method (flagged "oracle": true)
   direct        denoising only: y scaled to the diffusion's x_{t*} (no prior), K steps
   dip_start     the DIP budget estimate diffused to t0, K reverse steps
   cheap_start   the cheap estimate diffused to t0, K reverse steps: what DIP adds over it
@@ -128,8 +128,11 @@ def fit_dip(cfg: Config, clean, keys, y, mask, device) -> DipEstimate:
         es_psnr.append(np.where(picked, r.es_psnr.numpy(), budget_psnr))
         es_iter.append(np.where(picked, np.minimum(r.es_iter.numpy() + dip.es_patience,
                                                    dip.iters), dip.iters))
-        peak.append(r.psnr_est.numpy().max(0))
-        peak_iter.append(r.psnr_est.numpy().argmax(0) + 1)
+        # the best output the fit produced, raw or averaged: ES-WMV reports a raw output, so an
+        # upper bound over the EMA alone could sit below it early in the fit
+        best = np.maximum(r.psnr_est.numpy(), r.psnr_raw.numpy())  # [T, B]
+        peak.append(best.max(0))
+        peak_iter.append(best.argmax(0) + 1)
     seconds = time.perf_counter() - start
     return DipEstimate(torch.cat(est).clamp(0, 1), np.full(len(keys), float(dip.iters)),
                        seconds / len(keys), "fitted", np.concatenate(es_psnr),
