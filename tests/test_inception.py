@@ -24,13 +24,7 @@ TINY_DIP = ["dip.channels_down=8", "dip.channels_up=8", "dip.channels_skip=2", "
             "dip.batch_size=4", "dip.es_window=2", "dip.es_patience=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two intra-op threads on a shared 2-core box spin against each other
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny tensors, 1 thread
 
 
 @pytest.fixture(scope="module")
