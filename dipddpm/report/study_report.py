@@ -211,8 +211,8 @@ def make_plots(runs: Runs, out_dir: Path) -> tuple[list, list]:
         arms: dict = {}
         for r in res["arms"]:
             if r["nfe"] > 0:  # the DIP estimates alone run no chain: nothing to put on a log axis
-                key = r["arm"] + (f" t0={r['t0']}" if r["arm"] != "dip_start" and r.get("t0")
-                                  else "")
+                # a DIP start runs the same K from every t0: one series (marker) per t0
+                key = r["arm"] + (f" t0={r['t0']}" if r.get("t0") else "")
                 arms.setdefault(key, []).append(r)
         for arm, rs in arms.items():
             series.append((arm + tag, [r["nfe"] for r in rs], [r["fid"] for r in rs]))
