@@ -116,21 +116,28 @@ def split_features(clf, data_dir, split: str) -> np.ndarray:
     return feats
 
 
-def train_stats(clf, data_dir) -> tuple[np.ndarray, np.ndarray, int]:
-    """(mu, sigma, n) of the train split's features, cached; the reference for sample FID."""
-    path = Path(clf.dir) / f"{cache_tag(clf.sha256)}train-stats.npz"
+def cached_stats(path, sha256: str, features) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mu, sigma, n) of `features()`, cached at `path` for the feature net `sha256`; a damaged
+    or foreign cache is rebuilt."""
+    path = Path(path)
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:
-                if str(z["sha256"]) == clf.sha256:
+                if str(z["sha256"]) == sha256:
                     return z["mu"], z["sigma"], int(z["n"])
         except (OSError, ValueError, KeyError):
             pass
-    feats = split_features(clf, data_dir, "train")
+    feats = features()
     mu, sigma = feature_stats(feats)
     with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, mu=mu, sigma=sigma, n=len(feats), sha256=np.array(clf.sha256))
+        np.savez(tmp, mu=mu, sigma=sigma, n=len(feats), sha256=np.array(sha256))
     return mu, sigma, len(feats)
+
+
+def train_stats(clf, data_dir) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mu, sigma, n) of the train split's features, cached; the reference for sample FID."""
+    return cached_stats(Path(clf.dir) / f"{cache_tag(clf.sha256)}train-stats.npz", clf.sha256,
+                        lambda: split_features(clf, data_dir, "train"))
 
 
 def sample_metrics(clf, data_dir, images, kid_subset: int = 1000, kid_subsets: int = 100,

@@ -36,8 +36,7 @@ from torch import nn
 
 from dipddpm.config import ConfigError
 from dipddpm.evaluate.classifier import _load_split, sha256_file, to_input
-from dipddpm.evaluate.fid import feature_stats, frechet_distance
-from dipddpm.runs import atomic_path
+from dipddpm.evaluate.fid import cached_stats, feature_stats, frechet_distance
 
 KEY = "classifier.inception_weights"
 SIZE = 299
@@ -106,21 +105,14 @@ def train_stats(inc: Inception, data_dir, cache_dir,
                 num: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(mu, sigma, n) of the Inception features of the first `num` train images, cached."""
     path = Path(cache_dir) / f"inception-{inc.sha256[:16]}-train-stats-n{num}.npz"
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if str(z["sha256"]) == inc.sha256:
-                    return z["mu"], z["sigma"], int(z["n"])
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is rebuilt below
-    images, _, _ = _load_split(data_dir, "train")
-    # FashionMNIST's train order is already shuffled across classes: the first N are a fair
-    # sample, and the same N for every run
-    feats = inc.features(images[:num])
-    mu, sigma = feature_stats(feats)
-    with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, mu=mu, sigma=sigma, n=len(feats), sha256=np.array(inc.sha256))
-    return mu, sigma, len(feats)
+
+    def features():
+        images, _, _ = _load_split(data_dir, "train")
+        # FashionMNIST's train order is already shuffled across classes: the first N are a
+        # fair sample, and the same N for every run
+        return inc.features(images[:num])
+
+    return cached_stats(path, inc.sha256, features)
 
 
 def inception_fid(inc: Inception, data_dir, cache_dir, images, ref_num: int) -> float:
