@@ -57,6 +57,27 @@ def make_shards(root: Path, n_train: int, n_test: int, shard_size: int) -> Path:
     return out
 
 
+def make_tiny_world(root: Path, n_test: int, T: int) -> dict:
+    """Shards of 16 random train / n_test test images (root/shards) and a 'trained' tiny DDPM
+    run dir (root/ddpm): unet-tiny with random weights, T steps, as the protocols load one."""
+    import torch
+
+    from dipddpm.config import dump_config, load_config
+    from dipddpm.models.unet import build_unet
+
+    data = make_shards(root, n_train=16, n_test=n_test, shard_size=8)
+    ddpm = root / "ddpm"
+    ddpm.mkdir()
+    trained = load_config(None, ["model.name=unet-tiny", f"diffusion.T={T}"])
+    (ddpm / "config.yaml").write_text(dump_config(trained))
+    torch.manual_seed(0)
+    net = build_unet("unet-tiny")
+    with torch.no_grad():  # the registry zero-inits the head: make it a non-trivial predictor
+        net.head[-1].weight.normal_(0, 0.02)
+    torch.save({"ema": {"model": net.state_dict()}}, ddpm / "ema.pt")
+    return {"root": root, "data": data, "ddpm": ddpm}
+
+
 def skip_or_fail(reason: str):
     if IN_CI:
         pytest.fail(f"required under CI: {reason}")

@@ -12,12 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from dipddpm.config import ConfigError, UserError, dump_config, load_config
-from dipddpm.data.prepare import prepare_data
+from dipddpm.config import ConfigError, UserError, load_config
 from dipddpm.evaluate.fid import fid_from_features
 from dipddpm.evaluate.inception import floor_fid, load_inception, train_stats
-from dipddpm.models.unet import build_unet
-from tests.conftest import make_idx_folder
+from tests.conftest import make_tiny_world
 
 KEY = "classifier.inception_weights"
 TINY_DIP = ["dip.channels_down=8", "dip.channels_up=8", "dip.channels_skip=2", "dip.iters=3",
@@ -52,22 +50,7 @@ def inc(weights):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Shards of 16 random train / 8 test images and a random tiny DDPM run dir."""
-    root = tmp_path_factory.mktemp("inception_world")
-    src = make_idx_folder(root / "idx", n_train=16, n_test=8)
-    data = root / "data"
-    prepare_data(load_config(None, [f"data.source={src}", f"data.dir={data}",
-                                    "data.shard_size=8"]), progress=False)
-    ddpm = root / "ddpm"
-    ddpm.mkdir()
-    (ddpm / "config.yaml").write_text(dump_config(load_config(None, ["model.name=unet-tiny",
-                                                                     "diffusion.T=20"])))
-    torch.manual_seed(0)
-    net = build_unet("unet-tiny")
-    with torch.no_grad():  # the registry zero-inits the head: make it predict something
-        net.head[-1].weight.normal_(0, 0.02)
-    torch.save({"ema": {"model": net.state_dict()}}, ddpm / "ema.pt")
-    return {"root": root, "data": data, "ddpm": ddpm}
+    return make_tiny_world(tmp_path_factory.mktemp("inception_world"), n_test=8, T=20)
 
 
 def images(n, seed, high=256):

@@ -240,3 +240,29 @@ def test_shipped_grid_files_plan(grid, tmp_path):
             pytest.skip(f"jobs/{job}.py is not written yet")
         raise
     assert len(plan.tasks) == len(g.points())
+
+
+LATE_SIGNAL = """
+import os, signal, sys, time
+from dipddpm.launch.task import JobTask
+
+def requeue(signum, frame):  # what submitit's handler does: requeue, then exit 255
+    print("requeued", flush=True)
+    sys.exit(-1)
+
+signal.signal(signal.SIGUSR2, requeue)
+result = JobTask("selftest", project_root=sys.argv[1])(sys.argv[2:])
+os.kill(os.getpid(), signal.SIGUSR2)  # SLURM's timeout warning, after the job returned
+time.sleep(0.2)
+print("finished", result["steps"], flush=True)
+"""
+
+
+def test_a_timeout_signal_after_the_job_returned_is_ignored(tmp_path):
+    """A task that ends as the warning arrives must end COMPLETED, not requeued or killed."""
+    env = {**os.environ, "SUBMITIT_EXECUTOR": "slurm"}
+    proc = subprocess.run([sys.executable, "-c", LATE_SIGNAL, str(REPO), "--config", str(BASE),
+                           *QUICK, f"run.dir={tmp_path / 'run'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "requeued" not in proc.stdout and "finished 2" in proc.stdout

@@ -8,16 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from dipddpm.config import ConfigError, UserError, dump_config, load_config
+from dipddpm.config import ConfigError, UserError, load_config
 from dipddpm.data import load_split
-from dipddpm.data.prepare import prepare_data
 from dipddpm.diffusion import Diffusion, linear_betas
 from dipddpm.dip.degrade import degrade
-from dipddpm.models.unet import build_unet
 from dipddpm.protocols.arms import (CountingModel, cheap_estimate, direct_start, run_chain,
                                     to_diffusion)
 from dipddpm.protocols.restoration import effective_steps
-from tests.conftest import make_idx_folder
+from tests.conftest import make_tiny_world
 
 TINY_DIP = ["dip.channels_down=8", "dip.channels_up=8", "dip.channels_skip=2", "dip.iters=5",
             "dip.batch_size=4", "dip.es_window=2", "dip.es_patience=2"]
@@ -146,22 +144,7 @@ def test_cheap_estimate_blurs_noise_and_fills_the_hole():
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
-    """Shards of 16 random train / 16 test images and a 'trained' (random) tiny DDPM run dir."""
-    root = tmp_path_factory.mktemp("protocols")
-    src = make_idx_folder(root / "idx", n_train=16, n_test=16)
-    data = root / "data"
-    prepare_data(load_config(None, [f"data.source={src}", f"data.dir={data}",
-                                    "data.shard_size=8"]), progress=False)
-    ddpm = root / "ddpm"
-    ddpm.mkdir()
-    trained = load_config(None, ["model.name=unet-tiny", "diffusion.T=30"])
-    (ddpm / "config.yaml").write_text(dump_config(trained))
-    torch.manual_seed(0)
-    net = build_unet("unet-tiny")
-    with torch.no_grad():  # the registry zero-inits the head: make it a non-trivial predictor
-        net.head[-1].weight.normal_(0, 0.02)
-    torch.save({"ema": {"model": net.state_dict()}}, ddpm / "ema.pt")
-    return {"data": data, "ddpm": ddpm, "root": root}
+    return make_tiny_world(tmp_path_factory.mktemp("protocols"), n_test=16, T=30)
 
 
 def restore_args(world, run_dir, *extra):

@@ -69,18 +69,20 @@ def releaser(slurm_cluster):
     thread.join(timeout=10)
 
 
-TIMEOUT_STEPS = 40
+TIMEOUT_STEPS = 50
 
 
 @pytest.fixture(scope="module", autouse=True)
 def timeout_run(slurm_cluster, releaser, tmp_path_factory):
     """Submitted as this module starts, so its minute of timeouts overlaps the other tests.
 
-    1 min limit, USR2 from 55 s before it: SLURM checks limits every ~30 s, so the signal
-    lands within the first ~35 s of each start; 40 steps of 1 s cannot finish before it.
+    1 min limit, USR2 20 s before it. SLURM checks limits every 30 s and sends the signal at
+    the first check within 20 + 30 s of the limit, so it lands 10-40 s into each start: never
+    before submitit's handler is installed (a signal then would kill the task: FAILED), and
+    always before 50 steps of 1 s are done, so the task is requeued at least once.
     """
     plan = _plan(tmp_path_factory.mktemp("timeout"), f"launch.selftest_steps={TIMEOUT_STEPS}",
-                 "launch.selftest_step_s=1", "launch.timeout_min=1", "launch.signal_delay_s=55",
+                 "launch.selftest_step_s=1", "launch.timeout_min=1", "launch.signal_delay_s=20",
                  "launch.max_num_timeout=8", name="timeout")
     record, jobs = _submit(plan)
     yield plan, record, jobs
@@ -233,7 +235,7 @@ def test_sbatch_templates_run_on_the_cluster(slurm_cluster, tmp_path):
 @pytest.mark.slow
 def test_timed_out_task_requeues_and_resumes_from_its_checkpoint(timeout_run):
     plan, record, jobs = timeout_run
-    assert wait(record, timeout_s=200) == ["COMPLETED"]
+    assert wait(record, timeout_s=300) == ["COMPLETED"]
     run_dir = Path(plan.tasks[0].run_dir)
     results = read_json(run_dir / "results.json")
     assert results["steps"] == TIMEOUT_STEPS

@@ -3,7 +3,8 @@
 Shapes: [B, H, W] or [B, C, H, W]; both functions return one value per image, shape [B].
 
 PSNR = 10 log10(1 / MSE). Identical images have MSE 0 and PSNR +inf; pass `max_db` to cap it
-(useful before averaging over images, where one inf would swamp the mean).
+(useful before averaging over images, where one inf would swamp the mean). A mask restricts the
+MSE to the observed pixels (inpainting).
 
 SSIM follows Wang et al. 2004 with the usual constants: an 11x11 Gaussian window of sigma 1.5,
 K1 = 0.01, K2 = 0.03, population (not sample) variances, the map taken over 'valid' window
@@ -40,10 +41,19 @@ def _pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return _as_bchw(x, "x").double(), _as_bchw(y, "y").double()
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor, max_db: float | None = None) -> torch.Tensor:
-    """PSNR in dB of each image of x against y, both in [0, 1]; +inf (or max_db) when equal."""
+def psnr(x: torch.Tensor, y: torch.Tensor, max_db: float | None = None,
+         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """PSNR in dB of each image of x against y, both in [0, 1]; +inf (or max_db) when equal.
+
+    With a mask (x's shape, 1 = counted) the MSE is the mean over the counted pixels only.
+    """
     x, y = _pair(x, y)
-    mse = (x - y).pow(2).flatten(1).mean(1)
+    err = (x - y).pow(2).flatten(1)
+    if mask is None:
+        mse = err.mean(1)
+    else:
+        m = _as_bchw(mask, "mask").to(err).flatten(1)
+        mse = (err * m).sum(1) / m.sum(1).clamp_min(1)
     out = 10.0 * torch.log10(1.0 / mse)  # mse 0 -> +inf, by IEEE rules, no warning
     if max_db is not None:
         out = out.clamp(max=max_db)
