@@ -45,8 +45,11 @@ def psnr(x: torch.Tensor, y: torch.Tensor, max_db: float | None = None,
          mask: torch.Tensor | None = None) -> torch.Tensor:
     """PSNR in dB of each image of x against y, both in [0, 1]; +inf (or max_db) when equal.
 
+    Computed in float64; returned as float64 for float64 x, else float32.
+
     With a mask (x's shape, 1 = counted) the MSE is the mean over the counted pixels only.
     """
+    dtype = torch.promote_types(x.dtype, torch.float32)  # float64 inputs keep their precision
     x, y = _pair(x, y)
     err = (x - y).pow(2).flatten(1)
     if mask is None:
@@ -57,7 +60,7 @@ def psnr(x: torch.Tensor, y: torch.Tensor, max_db: float | None = None,
     out = 10.0 * torch.log10(1.0 / mse)  # mse 0 -> +inf, by IEEE rules, no warning
     if max_db is not None:
         out = out.clamp(max=max_db)
-    return out.float()
+    return out.to(dtype)
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
