@@ -251,10 +251,9 @@ def table_markdown(results: dict) -> str:
 
 
 def fid_plot(results: dict, path: Path) -> Path:
-    from dipddpm.protocols.restoration import _pyplot
-    from dipddpm.runs import atomic_path
+    from dipddpm.report.plots import pyplot, save_png
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     arms = results["arms"]
     ddim = sorted((r for r in arms if r["arm"] == "ddim"), key=lambda r: r["nfe"])
@@ -278,11 +277,7 @@ def fid_plot(results: dict, path: Path) -> Path:
     ax.set_title(f"Generation, N = {results['n']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def run_generation(cfg: Config, device=None) -> dict:

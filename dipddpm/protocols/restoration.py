@@ -330,22 +330,13 @@ def table_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plots(results: dict, run_dir: Path) -> list[Path]:
     """psnr_vs_steps.png (PSNR vs NFE) and psnr_vs_time.png (PSNR vs s/image incl. DIP), one
     panel per task: colour = t0, line = start (solid DIP, dashed cheap, dotted direct),
     marker = sampler; DIP alone and the observation as horizontal references."""
-    from dipddpm.runs import atomic_path
+    from dipddpm.report.plots import pyplot, save_png
 
-    plt = _pyplot()
+    plt = pyplot()
     tasks = results["tasks"]
     paths = []
     for xkey, fname, xlabel in (("nfe", "psnr_vs_steps.png", "reverse steps (NFE)"),
@@ -384,12 +375,7 @@ def plots(results: dict, run_dir: Path) -> list[Path]:
             ax.set_ylabel("PSNR vs clean (dB)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=5, loc="lower right", ncol=2)
-        fig.tight_layout()
-        path = run_dir / fname
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_png(fig, run_dir / fname))
     return paths
 
 

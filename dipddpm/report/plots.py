@@ -9,7 +9,7 @@ import numpy as np
 from dipddpm.runs import atomic_path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a cluster node
@@ -23,7 +23,7 @@ def dip_psnr_plot(path, curves: Sequence,
                   title: str = "DIP denoising") -> Path:
     """PSNR vs iteration per sigma: estimate mean ± std (band), raw mean (dashed), noisy input
     (dotted); the study's numbers as markers. `curves` are dipddpm.dip.study.SigmaCurves."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, c in enumerate(curves):
@@ -43,16 +43,12 @@ def dip_psnr_plot(path, curves: Sequence,
     ax.set_title(f"{title}, N = {curves[0].psnr_est.shape[1]}" if curves else title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=120)
 
 
-def _save(fig, path, dpi: int = 110) -> Path:
-    plt = _pyplot()
+def save_png(fig, path, dpi: int = 110) -> Path:
+    """Lay out, write atomically (a killed job leaves no half-written PNG) and close the figure."""
+    plt = pyplot()
     path = Path(path)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
@@ -65,7 +61,7 @@ def loss_curves_plot(path, curves: Sequence[tuple[str, Sequence[float], Sequence
                      title: str = "Training loss") -> Path:
     """Loss vs images seen, one line per (label, images_seen, loss); log y, because the study's
     variant and a sound DDPM differ by an order of magnitude."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, x, y in curves:
         ax.plot(x, y, label=label, linewidth=1)
@@ -75,7 +71,7 @@ def loss_curves_plot(path, curves: Sequence[tuple[str, Sequence[float], Sequence
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def fid_vs_nfe_plot(path, series: Sequence[tuple[str, Sequence[int], Sequence[float]]],
@@ -83,7 +79,7 @@ def fid_vs_nfe_plot(path, series: Sequence[tuple[str, Sequence[int], Sequence[fl
                     title: str = "Generation: FID vs reverse steps") -> Path:
     """FID vs NFE, one line per (label, nfe, fid) (an arm of a generation run); real-vs-real
     floors as horizontal lines, since no FID below its floor means anything."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, nfe, fid in series:
         order = np.argsort(nfe)
@@ -98,4 +94,4 @@ def fid_vs_nfe_plot(path, series: Sequence[tuple[str, Sequence[int], Sequence[fl
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
