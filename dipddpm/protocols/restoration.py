@@ -42,7 +42,6 @@ PSNR/SSIM are means over images on [0, 1] against the clean image (PSNR capped a
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +57,7 @@ from dipddpm.dip.fit import FitSettings, fit_by_key
 from dipddpm.evaluate.image_metrics import psnr, ssim
 from dipddpm.models.dip import SkipSpec
 from dipddpm.protocols.arms import cheap_estimate, direct_start, run_chain
+from dipddpm.report.tables import fmt
 
 MAX_DB = 100.0
 COLUMNS = ["task", "arm", "sampler", "t0", "steps", "nfe", "dip_iters", "passes", "psnr",
@@ -293,14 +293,6 @@ def restoration(cfg: Config, model, diffusion: Diffusion, device, info: dict | N
 
 # ----------------------------------------------------------------------------- outputs
 
-def _fmt(v, digits=2):
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return "—" if math.isnan(v) else f"{v:.{digits}f}"
-    return str(v)
-
-
 def table_markdown(results: dict) -> str:
     n = results["num_images"]
     lines = [f"# Restoration protocol, FashionMNIST {results['split']} images (N = {n})", "",
@@ -320,10 +312,10 @@ def table_markdown(results: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in t["rows"]:
             lines.append(
-                f"| {r['arm']}{' (oracle)' if r['oracle'] else ''} | {_fmt(r['sampler'])} "
-                f"| {_fmt(r['t0'])} | {_fmt(r['steps'])} | {r['nfe']} | {r['dip_iters']:.0f} "
+                f"| {r['arm']}{' (oracle)' if r['oracle'] else ''} | {fmt(r['sampler'])} "
+                f"| {fmt(r['t0'])} | {fmt(r['steps'])} | {r['nfe']} | {r['dip_iters']:.0f} "
                 f"| {r['passes']:.0f} | {r['psnr']:.2f} ± {r['psnr_std']:.2f} "
-                f"| {_fmt(r['ssim'], 3)} | {r['seconds_per_image']:.3f} |")
+                f"| {fmt(r['ssim'], 3)} | {r['seconds_per_image']:.3f} |")
         if t["skipped"]:
             lines += ["", "Skipped: " + "; ".join(t["skipped"])]
         lines.append("")
