@@ -119,6 +119,9 @@ class TrainConfig:
     log_every_images: int = 2560
     checkpoint_every_images: int = 60_000
     keep_checkpoints: int = 2
+    # also keep the EMA weights at every multiple of this many images, never pruned
+    # (run.dir/weights/ema-img-<images>.pt: earlier points of one run, e.g. every epoch); None off
+    weights_every_images: Optional[int] = None
     sample_every_images: int = 60_000
     num_samples: int = 64  # images in each sample grid
     sample_steps: int = 50  # DDIM steps for the periodic sample grids (cheap, same EMA weights)
@@ -136,6 +139,8 @@ class TrainConfig:
                 fail(key, getattr(self, key), "must be >= 1")
         if self.epochs <= 0 and self.max_steps is None:
             fail("epochs", self.epochs, "must be > 0 (or set train.max_steps)")
+        if self.weights_every_images is not None and self.weights_every_images < 1:
+            fail("weights_every_images", self.weights_every_images, "must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             fail("max_steps", self.max_steps, "must be >= 1")
         if self.lr <= 0:
@@ -358,7 +363,7 @@ class ProtocolConfig:
             fail("gen_num", self.gen_num, "FID and KID need at least 2 images")
 
 
-STUDY_STAGES = ("train", "ablation_dip_iters", "ablation_epochs", "fit_dip", "classifier",
+STUDY_STAGES = ("train", "train_main", "ablation_dip_iters", "ablation_epochs", "fit_dip", "classifier",
                 "priors", "sampling", "restore", "generation")
 
 
@@ -375,6 +380,9 @@ class StudyConfig:
     # overrides (key=value strings) for every stage, then per stage kind; checked before any runs
     common: list[str] = field(default_factory=list)
     train: list[str] = field(default_factory=list)  # every training run, ablations included
+    # the train_main stage: one long DDPM run at main_T (train/ddpm-main) that the protocols use
+    # instead of train/ddpm-T<main_T>; its own overrides (study.train does not apply to it)
+    main_train: list[str] = field(default_factory=list)
     fit_dip: list[str] = field(default_factory=list)
     classifier: list[str] = field(default_factory=list)
     priors: list[str] = field(default_factory=list)

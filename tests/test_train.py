@@ -51,8 +51,21 @@ RUN = ["train.grad_accum=2", "train.log_every_images=32", "train.checkpoint_ever
 @pytest.fixture(scope="module")
 def full_run(tiny_shards, tmp_path_factory):
     run = tmp_path_factory.mktemp("full") / "run"
-    train(run, tiny_shards, *RUN, "train.max_steps=10")
+    train(run, tiny_shards, *RUN, "train.max_steps=10", "train.weights_every_images=48")
     return run
+
+
+def test_weights_are_kept_at_every_multiple_and_the_last_is_the_final(full_run):
+    # 16 images a step, 10 steps: multiples of 48 are crossed at 48, 96 and 144 images
+    kept = sorted(p.name for p in (full_run / "weights").iterdir())
+    assert kept == [f"ema-img-{n:012d}.pt" for n in (48, 96, 144)]
+    snap = torch.load(full_run / "weights" / kept[-1], weights_only=True)
+    final = torch.load(full_run / "ema.pt", weights_only=True)
+    assert snap["images_seen"] == 144 and final["images_seen"] == 160
+    assert snap["model_name"] == "unet-tiny"
+    differs = [not torch.equal(a, b) for a, b in zip(snap["ema"]["model"].values(),
+                                                     final["ema"]["model"].values())]
+    assert any(differs)  # a snapshot is that point's weights, not the final ones
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 
     study.run.dir/
       train/<variant>-T<T>/                  loss vs T, sampling time vs T, training time (both variants)
+      train/ddpm-main/                       optional (stage train_main): one long DDPM run at main_T
+                                             (study.main_train) that the protocols then use
       ablation/dip_in_training-dip_iters<k>/ the variant's DIP-iteration ablation at main_T
       ablation/<variant>-epochs<e>/          the epoch ablation at main_T
       fit_dip/                               the DIP PSNR-vs-iterations table
@@ -30,6 +32,7 @@ VARIANTS = {"ddpm": [], "dip_in_training": ["train.noise=dip"]}
 # each stage kind: the job it runs, the config it starts from, its wave
 KINDS = {
     "train": ("train", "configs/ddpm.yaml", 0),
+    "train_main": ("train", "configs/ddpm.yaml", 0),
     "ablation_dip_iters": ("train", "configs/ddpm.yaml", 0),
     "ablation_epochs": ("train", "configs/ddpm.yaml", 0),
     "fit_dip": ("fit_dip", "configs/dip_denoise.yaml", 0),
@@ -82,7 +85,9 @@ def plan_study(cfg: Config, study_dir: Path) -> list[Stage]:
     def add(kind: str, name: str, own: list[str]):
         job, config, wave = KINDS[kind]
         run_dir = study_dir / name
-        extra = getattr(st, "train" if kind.startswith("ablation") else kind)
+        shared = {"ablation_dip_iters": st.train, "ablation_epochs": st.train,
+                  "train_main": st.main_train}
+        extra = shared[kind] if kind in shared else getattr(st, kind)
         argv = ["--config", str(root / config), *base, *extra, *own, f"run.dir={run_dir}"]
         try:
             stage_cfg = load_config(argv[1], argv[2:])
@@ -103,6 +108,10 @@ def plan_study(cfg: Config, study_dir: Path) -> list[Stage]:
         for T in st.T_values:
             for variant, flags in VARIANTS.items():
                 add("train", f"train/{variant}-T{T}", [*flags, f"diffusion.T={T}"])
+    main_dir = train_dir("ddpm", st.main_T)
+    if "train_main" in wanted:
+        main_dir = study_dir / "train/ddpm-main"
+        add("train_main", "train/ddpm-main", [f"diffusion.T={st.main_T}"])
     if "ablation_dip_iters" in wanted:
         for k in st.dip_iters:
             if k != main["dip_in_training"].train.dip_iters:
@@ -131,7 +140,7 @@ def plan_study(cfg: Config, study_dir: Path) -> list[Stage]:
                 add("sampling", f"sampling/{variant}-T{T}",
                     [f"sample.checkpoint={train_dir(variant, T)}", "sample.sampler=ddpm",
                      f"sample.num={st.sampling_num}", f"sample.batch_size={st.sampling_num}"])
-    checkpoint = f"protocol.checkpoint={train_dir('ddpm', st.main_T)}"
+    checkpoint = f"protocol.checkpoint={main_dir}"
     if "restore" in wanted:
         add("restore", "restore", [checkpoint])
     if "generation" in wanted:

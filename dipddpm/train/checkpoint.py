@@ -5,6 +5,7 @@
         ema.pt                               EMA weights (identical on every rank)
         train_state.json                     step, images seen, data epoch and position
     run.dir/ema.pt                           final EMA weights, written at the end
+    run.dir/weights/ema-img-000000060000.pt  EMA weights kept at every train.weights_every_images
 
 Checkpoints are named by images seen (zero-padded, so names sort in training order), are
 written under a temporary name and renamed when complete, and the last K are kept: a job killed
@@ -26,6 +27,7 @@ from dipddpm.config import UserError
 from dipddpm.runs import CHECKPOINTS_DIR, atomic_path, atomic_write_json
 
 WEIGHTS_FILE = "ema.pt"
+SNAPSHOTS_DIR = "weights"
 STATE_FILE = "train_state.json"
 PREFIX = "img-"
 
@@ -101,6 +103,12 @@ def save_weights(path, ema, state: TrainState, model_name: str | None = None) ->
         payload["model_name"] = model_name
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(payload, tmp)
+
+
+def snapshot_path(run_dir, images_seen: int) -> Path:
+    """Where train.weights_every_images keeps the EMA weights at `images_seen` (a weights file
+    that sample.checkpoint / protocol.checkpoint accept)."""
+    return Path(run_dir) / SNAPSHOTS_DIR / f"ema-{PREFIX}{images_seen:012d}.pt"
 
 
 def find_weights(where) -> Path:

@@ -40,7 +40,7 @@ from dipddpm.runs import METRICS_FILE, RESULTS_FILE, SAMPLES_DIR, atomic_write_j
     atomic_write_text, prepare_run_dir, read_jsonl, seed_everything
 from dipddpm.tracking import Tracker
 from dipddpm.train.checkpoint import WEIGHTS_FILE, TrainState, latest_checkpoint, \
-    load_checkpoint, save_checkpoint, save_weights
+    load_checkpoint, save_checkpoint, save_weights, snapshot_path
 from dipddpm.train.dip_noise import DipNoise
 from dipddpm.train.ema import EMA
 from dipddpm.train.grid import save_grid
@@ -298,6 +298,10 @@ def train(cfg: Config) -> dict:
             state.loss_sum = loss_sum.item()
             state.train_seconds = seconds_before + time.perf_counter() - t_loop - grid_seconds
             save_checkpoint(acc, run_dir, state, ema, t.keep_checkpoints)
+        if t.weights_every_images and acc.is_main_process \
+                and crossed(before, state.images_seen, t.weights_every_images):
+            save_weights(snapshot_path(run_dir, state.images_seen), ema, state,
+                         model_name=cfg.model.name)
     pbar.close()
     # state.train_seconds was set at the last step's checkpoint (every run ends on one), so a
     # rerun of a finished run reports the same time as the run itself
