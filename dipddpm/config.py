@@ -112,7 +112,9 @@ class TrainConfig:
     warmup_images: int = 10_000  # linear warmup, counted in images seen (all ranks)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     clip_grad: float = 1.0  # 0 disables
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # null: the launcher's (accelerate launch --mixed_precision / accelerate config, seen as
+    # ACCELERATE_MIXED_PRECISION), else "no"; a value here holds over the launcher's
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     ema_decay: float = 0.999
     ema_start_images: int = 0  # EMA copies the weights until this many images were seen
     ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)): early EMA follows the net
@@ -511,6 +513,8 @@ def _coerce(tp, value, raw: Optional[str]):
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, raw)
     if origin is Literal:
+        if raw is not None and raw in args:  # as typed: YAML would read e.g. `no` as false
+            return raw
         if value not in args:
             raise ValueError(f"must be one of {', '.join(map(str, args))}")
         return value

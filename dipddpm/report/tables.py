@@ -241,7 +241,7 @@ def training_time_table(runs: Runs) -> Table:
     # a "device" key is optional in a training run's results.json (older runs lack it)
     row("device × processes (precision)", f"{STUDY_DEVICE} × 1", f"{STUDY_DEVICE} × 1",
         lambda r: f"{r.results.get('device') or 'not recorded'} × {r.results['world_size']} "
-                  f"({r.cfg('train.mixed_precision', DASH)})")
+                  f"({r.results.get('mixed_precision') or DASH})")
     row("run dir", DASH, DASH, lambda r: f"`{rel(r.path, runs.root)}`")
     missing = [VARIANTS[v] for v in VARIANTS if v not in at]
     if missing:
