@@ -291,8 +291,9 @@ class ClassifierConfig:
     kid_subsets: int = 100  # KID: number of random subsets averaged
     # jobs.train_classifier computes (and caches) the real-vs-real FID floor at these N
     floor_ns: list[int] = field(default_factory=lambda: [1000, 5000])
-    # Optional Inception FID beside the classifier's (dipddpm/evaluate/inception.py): a
-    # torchvision inception_v3 state dict file; empty = off. The generation protocol then adds
+    # Optional Inception FID beside the classifier's (dipddpm/evaluate/inception.py): the FID
+    # Inception weights file (pt_inception-2015-12-05-6726825d.pth for the published scale; never
+    # downloaded), through torch-fidelity; empty = off. The generation protocol then adds
     # "fid_inception" to every arm and to the floor.
     inception_weights: str = ""
     inception_ref_num: int = 10000  # train images behind the cached Inception reference stats

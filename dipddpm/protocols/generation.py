@@ -13,15 +13,16 @@ Every FID states N (protocol.gen_num) and the real-vs-real floor at that N
 reference every sample FID here uses). Features come from the project's FashionMNIST classifier
 (jobs.train_classifier), so the numbers compare only with numbers from the same classifier.
 With classifier.inception_weights set, every arm and the floor also get "fid_inception": FID on
-torchvision inception_v3 pool features against the first classifier.inception_ref_num train
-images (dipddpm/evaluate/inception.py; close to, not identical with, published Inception FIDs).
+the FID Inception's pool features (torch-fidelity, weights from that local file) against the
+first classifier.inception_ref_num train images (dipddpm/evaluate/inception.py; on the published
+scale only with the standard weights file, which results["inception"]["standard"] records).
 Without it the results carry no such key.
 
 results.json:
   {"protocol": "generation", "n": N, "T": int, "device": str, "model": {...},
    "classifier": {"sha256", "test_accuracy"},
    "floor": {"n", "fid", "fid_vs_train", "kid", "kid_std", ..., ["fid_inception"]},
-   ["inception": {"weights", "sha256", "ref_num"}],
+   ["inception": {"weights", "sha256", "ref_num", "standard"}],
    "dip_source": "fitted" | "priors:<dir>", "dip_seconds_per_image": float,
    "arms": [{"arm": "ddpm" | "ddim" | "dip_start" | "dip_estimate", "steps": int|null,
              "t0": int|null, "nfe": int, "dip_iters": float, "passes": float,
@@ -205,7 +206,7 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
                "arms": arms}
     if inc is not None:
         results["inception"] = {"weights": str(inc.path), "sha256": inc.sha256,
-                                "ref_num": c.inception_ref_num}
+                                "ref_num": c.inception_ref_num, "standard": inc.standard}
     return results
 
 
@@ -225,10 +226,10 @@ def table_markdown(results: dict) -> str:
              f"({results['dip_seconds_per_image']:.2f} s/image), device {results['device']}.", ""]
     inc = results.get("inception")
     if inc:
-        lines += [f"Inception FID: torchvision inception_v3 pool features ({inc['weights']}, "
-                  f"sha256 {inc['sha256'][:16]}) against the first {inc['ref_num']} train images; "
-                  f"floor {f['fid_inception']:.2f} at N = {f['n']}. Close to, not identical with, "
-                  f"published Inception FIDs.", ""]
+        from dipddpm.evaluate.inception import describe
+
+        lines += [f"{describe(inc)} (`{inc['weights']}`); floor {f['fid_inception']:.2f} at "
+                  f"N = {f['n']}.", ""]
     lines += ["| arm | t0 | K | NFE | DIP iters | FID | KID | s/sample | NN dist. ratio (px) "
               "| nearer than 99% of test | nearest = source |"
               + (" Inception FID |" if inc else ""),

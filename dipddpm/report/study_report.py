@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from dipddpm.config import Config
+from dipddpm.evaluate.inception import describe as describe_inception
 from dipddpm.report.discover import Runs, discover
 from dipddpm.report.tables import (DASH, VARIANTS, Table, best_fit, fmt, fmt_loss, main_T,
                                    rel, study_tables)
@@ -66,9 +67,8 @@ def generation_tables(runs: Runs) -> list[Table]:
                    "samples whose nearest training image is the one the chain started from."]
         inception = "inception" in res  # the optional Inception FID (classifier.inception_weights)
         if inception:
-            t.intro.append(f"Inception FID (torchvision inception_v3, reference: the first "
-                           f"{res['inception']['ref_num']} train images; close to, not identical "
-                           f"with, published Inception FIDs): floor {fmt(f.get('fid_inception'))}.")
+            t.intro.append(f"{describe_inception(res['inception'])}: floor "
+                           f"{fmt(f.get('fid_inception'))}.")
         t.columns = ["arm", "t0", "K", "NFE", "FID", "KID", "s/sample", "nearest = source"] \
             + (["Inception FID"] if inception else [])
         for r in res["arms"]:
