@@ -112,7 +112,9 @@ class TrainConfig:
     warmup_images: int = 10_000  # linear warmup, counted in images seen (all ranks)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     clip_grad: float = 1.0  # 0 disables
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # null: the launcher's (accelerate launch --mixed_precision / accelerate config, seen as
+    # ACCELERATE_MIXED_PRECISION), else "no"; a value here holds over the launcher's
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     ema_decay: float = 0.999
     ema_start_images: int = 0  # EMA copies the weights until this many images were seen
     ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)): early EMA follows the net
@@ -294,8 +296,9 @@ class ClassifierConfig:
     kid_subsets: int = 100  # KID: number of random subsets averaged
     # jobs.train_classifier computes (and caches) the real-vs-real FID floor at these N
     floor_ns: list[int] = field(default_factory=lambda: [1000, 5000])
-    # Optional Inception FID beside the classifier's (dipddpm/evaluate/inception.py): a
-    # torchvision inception_v3 state dict file; empty = off. The generation protocol then adds
+    # Optional Inception FID beside the classifier's (dipddpm/evaluate/inception.py): the FID
+    # Inception weights file (pt_inception-2015-12-05-6726825d.pth for the published scale; never
+    # downloaded), through torch-fidelity; empty = off. The generation protocol then adds
     # "fid_inception" to every arm and to the floor.
     inception_weights: str = ""
     inception_ref_num: int = 10000  # train images behind the cached Inception reference stats
@@ -519,6 +522,8 @@ def _coerce(tp, value, raw: Optional[str]):
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, raw)
     if origin is Literal:
+        if raw is not None and raw in args:  # as typed: YAML would read e.g. `no` as false
+            return raw
         if value not in args:
             raise ValueError(f"must be one of {', '.join(map(str, args))}")
         return value

@@ -19,6 +19,22 @@ def test_defaults_and_overrides_are_typed():
     assert cfg.train.max_steps is None and cfg.wandb.mode == "disabled"
 
 
+def test_mixed_precision_no_typed_on_the_command_line_is_the_string():
+    # YAML reads a bare `no` as false; the schema's choice as typed is what the user meant
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=null"]).train.mixed_precision is None
+
+
+def test_a_config_written_with_an_explicit_precision_keeps_it(tmp_path):
+    assert load_config(None).train.mixed_precision is None  # unset: the launcher's
+    for value in ("no", "bf16"):  # what run dirs' config.yaml files said before it was unset
+        cfg = load_config(None, [f"train.mixed_precision={value}"])
+        (tmp_path / "config.yaml").write_text(dump_config(cfg))
+        assert "mixed_precision: " in dump_config(cfg)
+        assert load_config(tmp_path / "config.yaml") == cfg
+        assert cfg.train.mixed_precision == value
+
+
 def test_base_chain_deep_merges(tmp_path):
     write(tmp_path / "a.yaml", {"train": {"batch_size": 32, "lr": 0.5}, "run": {"seed": 3}})
     write(tmp_path / "b.yaml", {"base": "a.yaml", "train": {"lr": 0.25}})

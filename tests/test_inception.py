@@ -1,9 +1,13 @@
-"""The optional Inception FID: features, the FID math on them, the cached train reference, the
-one-line errors for a bad weights file, and the generation protocol with and without it.
+"""The optional Inception FID: torch-fidelity's FID Inception loaded from a local file, the FID
+math on its features, the cached train reference, the one-line errors for a missing or bad
+weights file, and the generation protocol with and without it.
 
-No pretrained weights exist here, so the weights file is a real inception_v3 state dict from a
-seeded random initialisation (its BatchNorm statistics taken from one batch, so the features
-are neither vanishing nor exploding): a real network in a real file, just not pretrained.
+The standard FID weights (pt_inception-2015-12-05-6726825d.pth) are not on this machine and are
+never downloaded, so the weights file here is a real state dict of the same network from a
+seeded random initialisation (torchvision's inception_v3 init with a 1008-class fc, which has
+the FID Inception's tensor names and shapes; BatchNorm statistics then taken from one batch
+through torch-fidelity's own forward, so the features neither vanish nor explode): a real
+network in a real file, just not pretrained, and the code says so (`standard` is false).
 """
 import json
 
@@ -14,8 +18,8 @@ from torch import nn
 
 from dipddpm.config import ConfigError, UserError, load_config
 from dipddpm.evaluate.fid import fid_from_features
-from dipddpm.evaluate.inception import floor_fid, load_inception, train_stats
-from tests.conftest import make_tiny_world
+from dipddpm.evaluate.inception import describe, floor_fid, load_inception, train_stats
+from tests.conftest import make_tiny_world, skip_or_fail
 
 KEY = "classifier.inception_weights"
 TINY_DIP = ["dip.channels_down=8", "dip.channels_up=8", "dip.channels_skip=2", "dip.iters=3",
@@ -27,18 +31,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny te
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError:
+        skip_or_fail('torch-fidelity is not installed: pip install -c constraints.txt -e ".[test]"')
     from torchvision.models import inception_v3
 
+    folder = tmp_path_factory.mktemp("inception")
     torch.manual_seed(0)
-    net = inception_v3(weights=None, aux_logits=False, init_weights=True)
+    init = inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=True)
+    path = folder / "inception_random.pth"
+    torch.save(init.state_dict(), path)
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                      feature_extractor_weights_path=str(path))
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.reset_running_stats()
             m.momentum = None  # a plain average over the calibration batch
     net.train()
-    with torch.no_grad():
-        net(torch.randn(4, 3, 299, 299))
-    path = tmp_path_factory.mktemp("inception") / "inception_random.pth"
+    net(torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8))
     torch.save(net.state_dict(), path)
     return path
 
@@ -92,21 +103,24 @@ def test_reference_stats_are_cached_by_weights_and_reused(inc, world, tmp_path):
         floor_fid(inc, world["data"], cache, 9, 3)
 
 
-def test_a_checkpoint_in_torchvisions_layout_loads(tmp_path):
-    # torchvision's ImageNet file holds AuxLogits.* and a 1000-class fc: both are dropped, the
-    # rest must load strictly (and keep its values)
+def test_a_file_is_standard_only_by_its_hash(inc, tmp_path):
+    assert len(inc.sha256) == 64 and not inc.standard  # random weights: never "standard"
+    info = {"weights": str(inc.path), "sha256": inc.sha256, "ref_num": 8}
+    assert "NOT the standard FID weights" in describe({**info, "standard": inc.standard})
+    assert "on the standard FID weights" in describe({**info, "standard": True})
+    assert "torchvision" in describe(info)  # results written before torch-fidelity
+
+
+def test_torchvisions_imagenet_layout_is_refused_in_one_line(tmp_path):
+    # torchvision's ImageNet checkpoint (AuxLogits, a 1000-class fc) is not the FID network
     from torchvision.models import inception_v3
 
     torch.manual_seed(1)
-    full = inception_v3(weights=None, aux_logits=True, num_classes=1000, init_weights=False)
-    path = tmp_path / "inception_v3_layout.pth"
-    torch.save(full.state_dict(), path)
-    loaded = load_inception(path)
-    assert loaded.model.AuxLogits is None and isinstance(loaded.model.fc, nn.Identity)
-    assert loaded.model.transform_input  # as torchvision builds it for the Google weights
-    assert torch.equal(loaded.model.Mixed_7c.branch_pool.conv.weight,
-                       full.Mixed_7c.branch_pool.conv.weight)
-    assert len(loaded.sha256) == 64
+    path = tmp_path / "inception_v3_imagenet_layout.pth"
+    torch.save(inception_v3(weights=None, aux_logits=True, num_classes=1000,
+                            init_weights=False).state_dict(), path)
+    msg = one_line_error(lambda: load_inception(path))
+    assert "does not load into the FID Inception" in msg and str(path) in msg
 
 
 def one_line_error(fn):
@@ -119,11 +133,13 @@ def one_line_error(fn):
 
 def test_bad_weights_files_are_one_line_errors(weights, tmp_path):
     missing = tmp_path / "nope.pth"
-    assert str(missing) in one_line_error(lambda: load_inception(missing))
+    msg = one_line_error(lambda: load_inception(missing))
+    assert str(missing) in msg and "no such file" in msg
+    assert "pt_inception-2015-12-05-6726825d.pth" in msg and "never downloaded" in msg
     wrong = tmp_path / "classifier_state.pth"
     torch.save(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Linear(4, 2)).state_dict(), wrong)
     msg = one_line_error(lambda: load_inception(wrong))
-    assert str(wrong) in msg and "inception_v3" in msg
+    assert str(wrong) in msg and "FID Inception" in msg
     state = torch.load(weights, weights_only=True)
     del state["Mixed_7c.branch_pool.conv.weight"]
     partial = tmp_path / "partial.pth"
@@ -163,9 +179,10 @@ def test_generation_protocol_adds_inception_fid_only_when_set(world, weights, tm
         assert 0 < r["fid_inception"] < float("inf")
     assert 0 < res["floor"]["fid_inception"] < float("inf")
     assert res["inception"]["ref_num"] == 8 and res["inception"]["weights"] == str(weights)
+    assert res["inception"]["standard"] is False
     # the classifier numbers are untouched by the option
     assert [r["fid"] for r in res["arms"]] == pytest.approx([r["fid"] for r in plain["arms"]])
-    assert "Inception FID" in (tmp_path / "inc" / "table.md").read_text()
+    assert "NOT the standard FID weights" in (tmp_path / "inc" / "table.md").read_text()
     assert len(list((world["root"] / "clf").glob("inception-*-train-stats-n8.npz"))) == 1
 
     with pytest.raises(UserError, match=KEY):

@@ -261,6 +261,12 @@ def test_generation_job_fid_floor_and_memorisation(tiny_world, tmp_path):
             assert r["dip_iters"] == 5 and 0 <= r["memorisation"]["source_match"] <= 1
             assert r["memorisation"]["features"]["test"]["median"] > 0
     assert res["arms"][2]["memorisation"] is not None  # the largest DDIM step count
+    for r in res["arms"]:  # every memorisation check keeps its distances for the histograms
+        if r["memorisation"] is not None:
+            d = np.load(run_dir / r["memorisation"]["distances"])
+            assert len(d["pixels_samples"]) == 6 and len(d["pixels_test"]) == 16  # all 16 test
+            assert np.median(d["pixels_samples"]) == pytest.approx(
+                r["memorisation"]["pixels"]["samples"]["median"], rel=1e-5)
     assert "Real-vs-real floor at N = 6" in (run_dir / "table.md").read_text()
     assert (run_dir / "fid_vs_steps.png").is_file()
     # The copying detector itself: training images as "samples" are their own nearest images

@@ -1,5 +1,6 @@
 """jobs.study: the plan of stages, a whole micro study inline, and one wave as a SLURM array."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,13 @@ def test_micro_study_inline_writes_the_report_and_a_rerun_skips_everything(micro
     report = (study / "REPORT.md").read_text()
     assert "34 min 18.67 s" in report  # the study's training time, beside ours
     assert "0.065" in report and "6.71" in report
+    for table in report.split("\n### ")[1:]:  # each study table with numbers shows its plot
+        heading = table.splitlines()[0]
+        if heading[:2] in ("1.", "2.", "3.", "4.", "5a", "5b") and "\nnot run: " not in table:
+            assert re.search(r"\n!\[[^\]]*\]\(report/[^)]+\.png\)", table), heading
+            assert (study / re.search(r"\]\((report/[^)]+)\)", table).group(1)).is_file()
+    assert re.search(r"\]\(report/kid-[^)]+\.png\)", report)
+    assert re.search(r"\]\(report/memorisation-[^)]+\.png\)", report)
     # everything is done: a rerun only writes the report again
     r = run_module("jobs.study", *args, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

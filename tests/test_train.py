@@ -128,6 +128,34 @@ def test_two_real_processes_split_the_data_and_agree(real_shards, tmp_path):
     assert any("samples" in h for h in history)  # the grid went to W&B as an image too
 
 
+def accelerate_launch(run_dir, data_dir, launcher_precision, *overrides):
+    """A real `accelerate launch --mixed_precision P -m jobs.train` of one process on CPU."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+           "--num_machines", "1", "--mixed_precision", launcher_precision,
+           "--dynamo_backend", "no", "-m", "jobs.train", *TINY, f"run.dir={run_dir}",
+           f"data.dir={data_dir}", "wandb.mode=disabled", "train.max_steps=2", *overrides]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, **ONE_THREAD, "ACCELERATE_USE_CPU": "true"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r, json.loads((Path(run_dir) / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_launchers_mixed_precision_holds_unless_the_config_sets_one(tiny_shards, tmp_path):
+    r, results = accelerate_launch(tmp_path / "launcher", tiny_shards, "bf16")
+    assert results["mixed_precision"] == "bf16"
+    assert "warning" not in r.stdout + r.stderr
+    saved = load_config(tmp_path / "launcher" / "config.yaml")
+    assert saved.train.mixed_precision is None  # the run dir records "the launcher's"
+
+    r, results = accelerate_launch(tmp_path / "config", tiny_shards, "bf16",
+                                   "train.mixed_precision=no")
+    assert results["mixed_precision"] == "no"
+    warnings = [line for line in (r.stdout + r.stderr).splitlines() if "mixed_precision" in line]
+    assert warnings == ["warning: train.mixed_precision = no (config) holds over the "
+                        "launcher's bf16 (ACCELERATE_MIXED_PRECISION)"]
+
+
 def test_fewer_processes_than_launched_fails_loudly():
     torchrun = Path(sys.executable).with_name("torchrun")
     r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "tests/scripts/plain_accelerator.py"],

@@ -16,8 +16,9 @@ never reads features of the old one): cache-<sha16>-<split>-features.npy (float3
 cache-<sha16>-train-stats.npz (mu, sigma, n, sha256) and cache-<sha16>-floors.json (the
 real-vs-real floors computed so far, by N and seed).
 
-Inception FID is optional: dipddpm/evaluate/inception.py (torchvision inception_v3, weights from
-classifier.inception_weights) reuses this module's math. On 28x28 grey images the classifier
+Inception FID is optional: dipddpm/evaluate/inception.py (the FID Inception through
+torch-fidelity, weights from the local file classifier.inception_weights) reuses this module's
+math. On 28x28 grey images the classifier
 features stay the measure this project reports.
 """
 from __future__ import annotations

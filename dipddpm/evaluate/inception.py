@@ -1,22 +1,27 @@
-"""Optional Inception FID: torchvision's inception_v3 with weights from a file the user gives.
+"""Optional Inception FID on the standard scale: the FID network through torch-fidelity, with its
+weights from a local file (nothing is downloaded at run time).
 
-Off unless `classifier.inception_weights` names a state dict file, e.g. torchvision's ImageNet
-checkpoint `inception_v3_google-0cc3c7bd.pth` (downloaded once; nothing here fetches it). No
-torchmetrics or torch-fidelity: the network is torchvision's, the math is `fid.py`'s.
+Off unless `classifier.inception_weights` names the weights file. The standard FID weights are
+TF's 2015-12-05 Inception as ported to PyTorch: `pt_inception-2015-12-05-6726825d.pth`
+(pytorch-fid's release), published by torch-fidelity as
+`weights-inception-2015-12-05-6726825d.pth` (the name's `6726825d` is the start of the file's
+sha256). Fetch it once on a machine with internet access and name it here; a missing file is a
+one-line error, and this project ships no copy. The network and its preprocessing are
+torch-fidelity's `FeatureExtractorInceptionV3` (the `inception` extra: `pip install -c
+constraints.txt -e ".[inception]"`): uint8 RGB in, TF-1.x-compatible bilinear resize to
+299x299, the 2048-d pool features out, as pytorch-fid and torch-fidelity compute FID. The
+math on the features is `fid.py`'s.
 
-Not the published FID: the standard FID (pytorch-fid, torch-fidelity, TF's original) uses the
-TF-ported `pt_inception-2015-12-05` weights, whose graph differs slightly from torchvision's
-port, so numbers from torchvision's weights are close to but not identical with published
-Inception FIDs. And on 28x28 grey clothes upsampled to 299x299 Inception sees photographs it
-was never trained on: the project's classifier FID (`fid.py`) stays the reported measure; this
-one is for readers who want a number on the familiar scale.
+Only the file whose sha256 starts with 6726825d gives numbers on the published FID scale;
+`Inception.standard` says whether the given file is that one, and the generation protocol
+records it, so a table can say when a number is not on that scale. Even then: on 28x28 grey
+clothes upsampled to 299x299 Inception sees photographs it was never trained on; the project's
+classifier FID (`fid.py`) stays the reported measure, and this one is for readers who want a
+number on the familiar scale.
 
-Features: the 2048-d pool output (fc replaced by Identity) of the images resized bilinearly to
-299x299, the grey channel repeated to RGB and ImageNet-normalised. The network is built with
-transform_input=True, as torchvision builds it for this checkpoint, so that ImageNet-normalised
-input reaches the first conv as the [-1, 1] the Google weights were trained on. A checkpoint's
-AuxLogits and fc tensors are dropped (neither touches the pool features); every other tensor
-must load, strictly.
+Images: uint8 [N,28,28] as stored, or the samplers' [-1,1] floats [N,1,28,28], which are
+quantised to uint8 first (round((x+1) * 127.5)), as image files would be; the grey channel is
+repeated to RGB.
 
 Cache, beside the classifier caches (classifier.dir) and keyed by the weights file's sha256 and
 the number of reference images:
@@ -26,12 +31,12 @@ files of the old checkpoint) keeps it: it does not depend on the classifier.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dipddpm.config import ConfigError
@@ -39,66 +44,84 @@ from dipddpm.evaluate.classifier import _load_split, sha256_file, to_input
 from dipddpm.evaluate.fid import cached_stats, feature_stats, frechet_distance
 
 KEY = "classifier.inception_weights"
-SIZE = 299
 FEATURE_DIM = 2048
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
-_DROPPED = ("AuxLogits.", "fc.")
+STANDARD_SHA256_PREFIX = "6726825d"  # pt_inception-2015-12-05-6726825d.pth
+STANDARD_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
 
 @dataclass
 class Inception:
-    """A loaded inception_v3 (eval mode, fc = Identity), its weights file and that file's sha256."""
+    """torch-fidelity's FID Inception (eval mode), its weights file and that file's sha256."""
 
     model: nn.Module
     path: Path
     sha256: str
     batch_size: int = 32
 
+    @property
+    def standard(self) -> bool:
+        """True when the weights are the standard FID weights (published FID scale)."""
+        return self.sha256.startswith(STANDARD_SHA256_PREFIX)
+
     @torch.no_grad()
     def features(self, images) -> np.ndarray:
         """Pool features, float32 [N, 2048], of uint8 [N,28,28] or [-1,1] floats [N,1,28,28]."""
         x = to_input(images)
         device = next(self.model.parameters()).device
-        mean = torch.tensor(_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(_STD, device=device).view(1, 3, 1, 1)
         out = []
         for i in range(0, len(x), self.batch_size):
-            b = x[i:i + self.batch_size].to(device).add(1).div(2)  # [0, 1], as torchvision expects
-            b = F.interpolate(b, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-            out.append(self.model((b.expand(-1, 3, -1, -1) - mean) / std).float().cpu())
+            b = x[i:i + self.batch_size].add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+            out.append(self.model(b.expand(-1, 3, -1, -1).to(device))[0].float().cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, FEATURE_DIM), np.float32)
 
 
 def load_inception(path, device: str | torch.device = "cpu", batch_size: int = 32) -> Inception:
-    """inception_v3 with the state dict in `path`; ConfigError naming the key and path if the
-    file is missing, unreadable, or not an inception_v3 state dict."""
-    from torchvision.models import inception_v3
-
+    """torch-fidelity's FeatureExtractorInceptionV3 with the weights in `path`; a one-line
+    ConfigError naming the key and path if torch-fidelity is missing, or the file is missing,
+    unreadable, or not that network's state dict."""
     path = Path(path)
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ConfigError(f"{KEY} = {str(path)!r}: the Inception FID needs torch-fidelity "
+                          "(pip install -c constraints.txt -e \".[inception]\")")
     if not path.is_file():
-        raise ConfigError(f"{KEY} = {str(path)!r}: no such file")
-    try:
+        raise ConfigError(f"{KEY} = {str(path)!r}: no such file (the standard FID weights "
+                          f"{STANDARD_FILE} are never downloaded at run time: fetch them once "
+                          "and name the file here)")
+    try:  # tensors only: torch-fidelity itself would unpickle anything
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and tensor errors alike: the file is not a state dict
         raise ConfigError(f"{KEY} = {str(path)!r}: cannot load it with torch.load "
                           f"({type(e).__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{KEY} = {str(path)!r}: not a state dict of tensors")
-    state = {k: v for k, v in state.items() if not k.startswith(_DROPPED)}
-    model = inception_v3(weights=None, aux_logits=False, init_weights=False,
-                         transform_input=True)
-    model.fc = nn.Identity()
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
     try:
-        model.load_state_dict(state, strict=True)
+        model = FeatureExtractorInceptionV3("inception-v3-compat", [str(FEATURE_DIM)],
+                                            feature_extractor_weights_path=str(path))
     except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise ConfigError(f"{KEY} = {str(path)!r}: does not load into torchvision's "
-                          f"inception_v3 ({first[:200]})") from None
+        lines = str(e).splitlines()
+        first = lines[1].strip() if len(lines) > 1 else str(e)
+        raise ConfigError(f"{KEY} = {str(path)!r}: does not load into the FID Inception "
+                          f"(torch-fidelity's FeatureExtractorInceptionV3: {first[:200]})") from None
     model.to(device).eval()
     return Inception(model, path, sha256_file(path), batch_size)
+
+
+def describe(info: dict) -> str:
+    """What produced an Inception FID, for tables: `info` is a generation run's
+    results["inception"] ({"weights", "sha256", "ref_num", "standard"}; runs made before
+    torch-fidelity lack "standard" and used torchvision's inception_v3)."""
+    ref = f"against the first {info['ref_num']} train images"
+    if "standard" not in info:
+        return (f"Inception FID: torchvision inception_v3 pool features {ref} (close to, not "
+                f"identical with, published Inception FIDs)")
+    if info["standard"]:
+        return (f"Inception FID on the standard FID weights ({STANDARD_FILE}, through "
+                f"torch-fidelity) {ref}")
+    return (f"Inception FID {ref}, on weights that are NOT the standard FID weights (sha256 "
+            f"{info['sha256'][:16]}, not {STANDARD_SHA256_PREFIX}...): not on the published "
+            f"FID scale")
 
 
 def train_stats(inc: Inception, data_dir, cache_dir,

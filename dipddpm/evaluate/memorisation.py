@@ -68,8 +68,9 @@ def memorisation_report(samples, train_images, test_images, sample_feats=None,
     """Nearest-training-image distances of samples vs of test images, in pixels (and features).
 
     images: uint8 [N,28,28] or float [N,1,28,28] on [-1,1]; features: [N, D] from the same
-    classifier (all three or none). Returns summaries plus per-sample distances and the key
-    (or index) of each sample's nearest training image. `closer_than_test_p01` is the fraction of
+    classifier (all three or none). Returns summaries plus the per-sample distances (and the
+    test images' own, `test_distances`) and the key (or index) of each sample's nearest
+    training image. `closer_than_test_p01` is the fraction of
     samples nearer to the train set than 99% of test images are: near 0.01 for a generator that
     does not copy, much more for one that does.
     """
@@ -90,6 +91,7 @@ def memorisation_report(samples, train_images, test_images, sample_feats=None,
                      "closer_than_test_p01": float((ds < floor).mean()),
                      "exact_copies": int((ds == 0).sum()),
                      "distances": ds.tolist(),
+                     "test_distances": dt.tolist(),
                      "nearest": [train_keys[i] for i in idx] if train_keys is not None
                      else idx.tolist()}
     return out

@@ -13,15 +13,16 @@ Every FID states N (protocol.gen_num) and the real-vs-real floor at that N
 reference every sample FID here uses). Features come from the project's FashionMNIST classifier
 (jobs.train_classifier), so the numbers compare only with numbers from the same classifier.
 With classifier.inception_weights set, every arm and the floor also get "fid_inception": FID on
-torchvision inception_v3 pool features against the first classifier.inception_ref_num train
-images (dipddpm/evaluate/inception.py; close to, not identical with, published Inception FIDs).
+the FID Inception's pool features (torch-fidelity, weights from that local file) against the
+first classifier.inception_ref_num train images (dipddpm/evaluate/inception.py; on the published
+scale only with the standard weights file, which results["inception"]["standard"] records).
 Without it the results carry no such key.
 
 results.json:
   {"protocol": "generation", "n": N, "T": int, "device": str, "model": {...},
    "classifier": {"sha256", "test_accuracy"},
    "floor": {"n", "fid", "fid_vs_train", "kid", "kid_std", ..., ["fid_inception"]},
-   ["inception": {"weights", "sha256", "ref_num"}],
+   ["inception": {"weights", "sha256", "ref_num", "standard"}],
    "dip_source": "fitted" | "priors:<dir>", "dip_seconds_per_image": float,
    "arms": [{"arm": "ddpm" | "ddim" | "dip_start" | "dip_estimate", "steps": int|null,
              "t0": int|null, "nfe": int, "dip_iters": float, "passes": float,
@@ -29,10 +30,13 @@ results.json:
              "seconds_per_sample": float,
              "grid": "samples/<tag>.png",
              "memorisation": null | {"pixels": {...}, "features": {...},
-                                     "source_match": float, "source_distance_median": float}}]}
+                                     "source_match": float, "source_distance_median": float,
+                                     "distances": "memorisation/<tag>.npz"}}]}
 "dip_estimate" is the DIP estimates themselves (no chain): the t0 -> 0 end of the DIP start.
 The memorisation summaries are those of `dipddpm.evaluate.memorisation_report` without the
-per-sample lists.
+per-sample lists; those are in run_dir/memorisation/<tag>.npz (float32 arrays pixels_samples,
+pixels_test, features_samples, features_test: each sample's and each reference test image's
+distance to its nearest training image), for the report's histograms.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ import torch
 from dipddpm.config import Config, ConfigError, UserError
 from dipddpm.diffusion import Diffusion, ddim_sample, ddpm_sample
 from dipddpm.protocols.arms import CountingModel, to_diffusion
+from dipddpm.runs import atomic_path
 
 COLUMNS = ["arm", "steps", "t0", "nfe", "dip_iters", "passes", "fid", "kid", "kid_std",
            "seconds_per_sample", "source_match"]
@@ -116,6 +121,17 @@ def _draw(model, diffusion, n, batch_size, seed, device, *, sampler, steps=None,
     return torch.cat(out), nfe, (time.perf_counter() - start) / n
 
 
+MEMORISATION_DIR = "memorisation"
+
+
+def save_distances(path: Path, arrays: dict) -> str:
+    """Write an arm's nearest-training-image distances (float32 per sample and per test image,
+    in pixels and features) to path atomically; return it relative to the run dir."""
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+    return f"{MEMORISATION_DIR}/{path.name}"
+
+
 def _memorisation(clf, data_dir, x: torch.Tensor, source_keys: Optional[list[str]]) -> dict:
     from dipddpm.evaluate import memorisation_check
 
@@ -125,6 +141,10 @@ def _memorisation(clf, data_dir, x: torch.Tensor, source_keys: Optional[list[str
         r = rep[space]
         out[space] = {k: r[k] for k in ("samples", "test", "ratio_median",
                                         "closer_than_test_p01", "exact_copies")}
+    # the distances behind the summaries, for the report's histograms (saved by `add`)
+    out["_distances"] = {f"{space}_{who}": np.asarray(rep[space][key], np.float32)
+                         for space in ("pixels", "features")
+                         for who, key in (("samples", "distances"), ("test", "test_distances"))}
     if source_keys is not None:
         nearest = rep["pixels"]["nearest"]
         out["source_match"] = float(np.mean([a == b for a, b in zip(nearest, source_keys)]))
@@ -166,6 +186,9 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
                "dip_iters": float(dip_iters), "passes": float(nfe + dip_iters), "fid": m["fid"],
                "kid": m["kid"], "kid_std": m["kid_std"], "seconds_per_sample": float(seconds),
                "grid": f"{SAMPLES_DIR}/{tag}.png", "memorisation": mem}
+        if mem is not None and "_distances" in mem:
+            row["memorisation"]["distances"] = save_distances(
+                run_dir / MEMORISATION_DIR / f"{tag}.npz", mem.pop("_distances"))
         extra = ""
         if inc is not None:
             row["fid_inception"] = inception_fid(inc, data_dir, inc_dir, x, c.inception_ref_num)
@@ -205,7 +228,7 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
                "arms": arms}
     if inc is not None:
         results["inception"] = {"weights": str(inc.path), "sha256": inc.sha256,
-                                "ref_num": c.inception_ref_num}
+                                "ref_num": c.inception_ref_num, "standard": inc.standard}
     return results
 
 
@@ -225,10 +248,10 @@ def table_markdown(results: dict) -> str:
              f"({results['dip_seconds_per_image']:.2f} s/image), device {results['device']}.", ""]
     inc = results.get("inception")
     if inc:
-        lines += [f"Inception FID: torchvision inception_v3 pool features ({inc['weights']}, "
-                  f"sha256 {inc['sha256'][:16]}) against the first {inc['ref_num']} train images; "
-                  f"floor {f['fid_inception']:.2f} at N = {f['n']}. Close to, not identical with, "
-                  f"published Inception FIDs.", ""]
+        from dipddpm.evaluate.inception import describe
+
+        lines += [f"{describe(inc)} (`{inc['weights']}`); floor {f['fid_inception']:.2f} at "
+                  f"N = {f['n']}.", ""]
     lines += ["| arm | t0 | K | NFE | DIP iters | FID | KID | s/sample | NN dist. ratio (px) "
               "| nearer than 99% of test | nearest = source |"
               + (" Inception FID |" if inc else ""),

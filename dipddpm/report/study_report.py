@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 from dipddpm.config import Config
+from dipddpm.evaluate.inception import describe as describe_inception
 from dipddpm.report.discover import Runs, discover
+from dipddpm.report.table_plots import attach_plots
 from dipddpm.report.tables import (DASH, VARIANTS, Table, best_fit, fmt, fmt_loss, main_T,
                                    rel, study_tables)
 from dipddpm.runs import METRICS_FILE, SAMPLES_DIR, atomic_path, atomic_write_text, read_jsonl
@@ -66,9 +68,8 @@ def generation_tables(runs: Runs) -> list[Table]:
                    "samples whose nearest training image is the one the chain started from."]
         inception = "inception" in res  # the optional Inception FID (classifier.inception_weights)
         if inception:
-            t.intro.append(f"Inception FID (torchvision inception_v3, reference: the first "
-                           f"{res['inception']['ref_num']} train images; close to, not identical "
-                           f"with, published Inception FIDs): floor {fmt(f.get('fid_inception'))}.")
+            t.intro.append(f"{describe_inception(res['inception'])}: floor "
+                           f"{fmt(f.get('fid_inception'))}.")
         t.columns = ["arm", "t0", "K", "NFE", "FID", "KID", "s/sample", "nearest = source"] \
             + (["Inception FID"] if inception else [])
         for r in res["arms"]:
@@ -237,7 +238,7 @@ def make_plots(runs: Runs, out_dir: Path) -> tuple[list, list]:
 
 # ----------------------------------------------------------------------------- assembly
 
-def table_markdown(t: Table) -> list[str]:
+def table_markdown(t: Table, root: Optional[Path] = None) -> list[str]:
     lines = [f"### {t.heading}", ""]
     if t.not_run:
         return lines + [f"not run: {t.not_run}", ""]
@@ -245,7 +246,14 @@ def table_markdown(t: Table) -> list[str]:
     lines += ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in t.rows]
     lines += [""] + ([*t.notes, ""] if t.notes else [])
+    lines += plot_markdown(t.plots, root)
     return lines
+
+
+def plot_markdown(plots: list, root: Optional[Path]) -> list[str]:
+    """The table's plots right below it, linked relative to REPORT.md's folder."""
+    return [f"![{title}]({Path(rel(path, root) if root else path).as_posix()})\n"
+            for title, path in plots]
 
 
 def report_markdown(runs: Runs, study: list, protocols: list, found: list, images: list,
@@ -262,10 +270,10 @@ def report_markdown(runs: Runs, study: list, protocols: list, found: list, image
               "comparable with an epsilon-prediction loss: it measures a different target.", "",
              "## The study's tables, ours beside", ""]
     for t in study:
-        lines += table_markdown(t)
+        lines += table_markdown(t, root)
     lines += ["## Protocols", ""]
     for t in protocols:
-        lines += table_markdown(t)
+        lines += table_markdown(t, root)
     lines += ["## Plots", ""]
     if not images:
         lines += ["not run: no run dir with plots or sample grids", ""]
@@ -291,6 +299,7 @@ def build_report(cfg: Config, runs_dir) -> dict:
     study = study_tables(runs)
     protocols = restoration_tables(runs) + generation_tables(runs) + classifier_tables(runs)
     made, linked = make_plots(runs, out_dir)
+    beside = attach_plots(runs, study + protocols, out_dir)  # shown below their tables
     found = findings(runs)
     text = report_markdown(runs, study, protocols, found, made + linked, root)
     atomic_write_text(root / REPORT_FILE, text)
@@ -298,7 +307,7 @@ def build_report(cfg: Config, runs_dir) -> dict:
         for t in study + protocols:
             if not t.not_run:
                 tracker.log_table(t.key, t.columns, t.rows, step=0)
-        for title, path in made:
+        for title, path in made + beside:
             tracker.log_image(f"plot/{path.stem}", path, step=0)
         for title, path in linked:  # plots and grids of other runs, under their run's name
             name = re.sub(r"[^A-Za-z0-9_/-]", "_", Path(rel(path, root)).with_suffix("").as_posix())
@@ -307,6 +316,6 @@ def build_report(cfg: Config, runs_dir) -> dict:
                          "not_run": [t.key for t in study + protocols if t.not_run]})
     print(f"{root / REPORT_FILE}: {sum(not t.not_run for t in study)} of {len(study)} study "
           f"tables, {sum(not t.not_run for t in protocols)} protocol tables, "
-          f"{len(made)} plots in {out_dir}")
+          f"{len(made) + len(beside)} plots in {out_dir}")
     return {"report": root / REPORT_FILE, "tables": study + protocols,
-            "plots": [p for _, p in made], "runs": runs}
+            "plots": [p for _, p in made + beside], "runs": runs}

@@ -50,6 +50,7 @@ class Table:
     intro: list = field(default_factory=list)  # lines before the table
     notes: list = field(default_factory=list)  # lines after it
     not_run: Optional[str] = None
+    plots: list = field(default_factory=list)  # (title, PNG path) shown beside the table
 
 
 def fmt(v, digits: int = 2) -> str:
@@ -241,7 +242,7 @@ def training_time_table(runs: Runs) -> Table:
     # a "device" key is optional in a training run's results.json (older runs lack it)
     row("device × processes (precision)", f"{STUDY_DEVICE} × 1", f"{STUDY_DEVICE} × 1",
         lambda r: f"{r.results.get('device') or 'not recorded'} × {r.results['world_size']} "
-                  f"({r.cfg('train.mixed_precision', DASH)})")
+                  f"({r.results.get('mixed_precision') or DASH})")
     row("run dir", DASH, DASH, lambda r: f"`{rel(r.path, runs.root)}`")
     missing = [VARIANTS[v] for v in VARIANTS if v not in at]
     if missing:
@@ -266,15 +267,22 @@ def _vs_T_table(t: Table, ours: dict, study: dict, cell, what: str) -> Table:
     return t
 
 
-def sampling_table(runs: Runs) -> Table:
-    t = Table("sampling_time", "3. Sampling time vs T")
+def sampling_points(runs: Runs) -> dict:
+    """{(variant, T): Sampling}: full T-step ancestral DDPM sampling from noise, per (variant,
+    T) the measurement with the most images."""
     full = [s for s in runs.sampling
             if s.variant and s.info["sampler"] == "ddpm" and s.T and int(s.info["t0"]) == s.T]
     ours: dict = {}
-    for s in full:  # per (variant, T) the measurement with the most images
+    for s in full:
         key = (s.variant, s.T)
         if key not in ours or s.info["num"] > ours[key].info["num"]:
             ours[key] = s
+    return ours
+
+
+def sampling_table(runs: Runs) -> Table:
+    t = Table("sampling_time", "3. Sampling time vs T")
+    ours = sampling_points(runs)
     t.intro = ["Seconds to draw the stated number of images with all T ancestral DDPM steps "
                "(python -m jobs.sample sample.sampler=ddpm, from noise), EMA weights of the "
                "training run; the study's images per measurement are not stated."]
@@ -302,10 +310,24 @@ def loss_table(runs: Runs) -> Table:
     return _vs_T_table(t, ours, STUDY_LOSS, cell, "no training runs under RUNS_DIR")
 
 
+def dip_iters_ablation(runs: Runs) -> list[Run]:
+    """DIP+DDPM runs that differ only in train.dip_iters, by DIP iterations (table 5a)."""
+    variant_runs = [r for r in runs["train"] if r.results["variant"] == "dip_in_training"]
+    return ablation_group(variant_runs, ("train.dip_iters",), lambda r: r.results["dip_iters"])
+
+
+def epochs_ablation(runs: Runs) -> dict:
+    """{variant: runs of it that differ only in train.epochs, by epochs} (table 5b)."""
+    out = {}
+    for v in VARIANTS:
+        rs = [r for r in runs["train"] if r.results["variant"] == v]
+        out[v] = ablation_group(rs, ("train.epochs", "train.max_steps"), epochs_of)
+    return out
+
+
 def ablation_tables(runs: Runs) -> list[Table]:
     a = Table("ablation_dip_iters", "5a. Ablation: DIP iterations (DIP+DDPM)")
-    variant_runs = [r for r in runs["train"] if r.results["variant"] == "dip_in_training"]
-    group = ablation_group(variant_runs, ("train.dip_iters",), lambda r: r.results["dip_iters"])
+    group = dip_iters_ablation(runs)
     if not group:
         a.not_run = ("no two DIP+DDPM training runs that differ only in train.dip_iters "
                      f"(the study tried {'/'.join(map(str, STUDY_DIP_ITERS_TRIED))}, chose "
@@ -324,9 +346,9 @@ def ablation_tables(runs: Runs) -> list[Table]:
                            minutes(r.results["train_seconds"]), f"`{rel(r.path, runs.root)}`"])
     b = Table("ablation_epochs", "5b. Ablation: epochs")
     b.columns = ["variant", "epochs", "study", "final loss", "train time", "run dir"]
-    for v, name in VARIANTS.items():
-        rs = [r for r in runs["train"] if r.results["variant"] == v]
-        for r in ablation_group(rs, ("train.epochs", "train.max_steps"), epochs_of):
+    for v, group in epochs_ablation(runs).items():
+        name = VARIANTS[v]
+        for r in group:
             e = epochs_of(r)
             st = ("chosen" if e == STUDY_EPOCHS_CHOSEN else
                   "tried" if e in STUDY_EPOCHS_TRIED else DASH)

@@ -46,12 +46,15 @@ from dipddpm.train.ema import EMA
 from dipddpm.train.grid import save_grid
 
 
-def make_accelerator(mixed_precision: str, cpu: bool | None = None,
+def make_accelerator(mixed_precision: str | None, cpu: bool | None = None,
                      compile: bool = False) -> Accelerator:
     """An Accelerator that fails loudly when it sees fewer processes than were launched.
 
+    mixed_precision None takes the launcher's (`accelerate launch --mixed_precision`, or its
+    `accelerate config` file, both passed as ACCELERATE_MIXED_PRECISION), else "no"; a value
+    holds over the launcher's, with one warning line where the two differ.
     cpu defaults to True on a CPU-only host: a plain Accelerator() under torchrun there reports
-    one process per rank and every rank would train alone, silently (INFRA.md)."""
+    one process per rank and every rank would train alone, silently."""
     cpu = not torch.cuda.is_available() if cpu is None else cpu
     # compile through Accelerate: it compiles after the DDP wrap, and unwraps for save_state
     acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision,
@@ -61,6 +64,11 @@ def make_accelerator(mixed_precision: str, cpu: bool | None = None,
         raise UserError(f"launched with WORLD_SIZE={launched} but Accelerate sees "
                         f"{acc.num_processes} process(es): the ranks would train separately; "
                         "on a CPU host use ACCELERATE_USE_CPU=true accelerate launch --multi_gpu")
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if mixed_precision is not None and launcher and launcher != mixed_precision \
+            and acc.is_main_process:
+        print(f"warning: train.mixed_precision = {mixed_precision} (config) holds over the "
+              f"launcher's {launcher} (ACCELERATE_MIXED_PRECISION)", flush=True)
     return acc
 
 
@@ -108,13 +116,14 @@ def training_noise(x0: torch.Tensor, gen: torch.Generator, dip_noise, seed: int)
 
 
 def write_results(run_dir, cfg: Config, state: TrainState, *, params: int, epochs: float,
-                  final_loss, world: int) -> dict:
+                  final_loss, world: int, mixed_precision: str) -> dict:
     """run.dir/results.json of a training run: one row of the study's training-time and
     loss-vs-T tables. Keys (the report depends on them):
       job "train"; variant "ddpm" | "dip_in_training"; model; params (U-Net); T; epochs (data
       epochs read, fractional); steps; images_seen (all ranks); train_seconds (wall time of the
       training loop, summed over resumed segments); final_loss (mean loss of the last log
-      interval); dip_iters (null for the Gaussian path); world_size; device; mixed_precision."""
+      interval); dip_iters (null for the Gaussian path); world_size; device; mixed_precision
+      (the one that held: the config's, else the launcher's)."""
     dip = cfg.train.noise == "dip"
     results = {"job": "train", "variant": "dip_in_training" if dip else "ddpm",
                "model": cfg.model.name, "params": int(params), "T": int(cfg.diffusion.T),
@@ -122,7 +131,7 @@ def write_results(run_dir, cfg: Config, state: TrainState, *, params: int, epoch
                "images_seen": int(state.images_seen), "train_seconds": float(state.train_seconds),
                "final_loss": None if final_loss is None else float(final_loss),
                "dip_iters": int(cfg.train.dip_iters) if dip else None, "world_size": int(world),
-               "device": device_name(), "mixed_precision": cfg.train.mixed_precision}
+               "device": device_name(), "mixed_precision": mixed_precision}
     atomic_write_json(Path(run_dir) / RESULTS_FILE, results)
     return results
 
@@ -312,7 +321,8 @@ def train(cfg: Config) -> dict:
             final_loss = _last_logged_loss(run_dir)
         results = write_results(run_dir, cfg, state, params=count_parameters(ema.model),
                                 epochs=state.epoch + state.batch_in_epoch / epoch_len,
-                                final_loss=final_loss, world=world)
+                                final_loss=final_loss, world=world,
+                                mixed_precision=acc.mixed_precision)
         tracker.summary({"train_seconds": results["train_seconds"],
                          "final_loss": results["final_loss"]})
     if keys_file is not None:
