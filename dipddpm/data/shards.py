@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dipddpm.data.idx import NUM_CLASSES, DataError
-from dipddpm.runs import atomic_path, atomic_write_json, read_json
+from dipddpm.runs import atomic_path, atomic_write_json, ensure_dir, read_json
 
 MANIFEST = "manifest.json"
 PARTIAL = ".manifest.partial.json"
@@ -81,8 +81,7 @@ def write_dataset(out_dir: str | os.PathLike, arrays: dict, shard_size: int,
     Shards that verify against the recorded sha256 are kept; everything else is rebuilt.
     Returns the manifest and how many shards were kept.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir, "data.dir (--out)")
     splits = {s: {"fingerprint": _fingerprint(*arrays[s]), "plan": _plan(s, len(arrays[s][0]), shard_size)}
               for s in SPLITS if s in arrays}
     recorded = _recorded_entries(out, splits)

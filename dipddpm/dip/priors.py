@@ -27,6 +27,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -34,12 +35,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dipddpm.config import Config, ConfigError
+from dipddpm.config import Config, ConfigError, DIPConfig, is_neutral
 from dipddpm.data.shards import load_manifest, sha256_file, split_shards
 from dipddpm.data.stream import read_shards
 from dipddpm.dip.degrade import degrade
 from dipddpm.dip.fit import FitSettings, fit_by_key
 from dipddpm.dip.metrics import psnr
+from dipddpm.dip.study import SWEEP_KEYS
 from dipddpm.models.dip import SkipSpec
 from dipddpm.runs import atomic_path, atomic_write_json, read_json
 
@@ -50,10 +52,21 @@ def prior_dir(cfg: Config) -> Path:
     return Path(cfg.data.dir) / "priors" / cfg.priors.name
 
 
+def prior_dip_keys() -> list[str]:
+    """The dip keys a prior depends on: all but fit_dip's sweep, dip.split (priors take
+    priors.split) and the neutral ones (dipddpm.config)."""
+    return [f.name for f in fields(DIPConfig)
+            if f.name not in (*SWEEP_KEYS, "split") and not is_neutral(f"dip.{f.name}")]
+
+
+# the keys the priors job's results depend on (its run dir's rerun check)
+READS = ("run", "data.dir", "priors.name", "priors.split", "priors.sub_batch",
+         *(f"dip.{k}" for k in prior_dip_keys()))
+
+
 def settings_of(cfg: Config, data_fingerprint: str) -> dict:
     """Everything that changes a prior's bytes; its hash names a compatible result."""
-    return {"dip": {k: v for k, v in vars(cfg.dip).items()
-                    if k not in ("sigmas", "num_images", "batch_size", "record_every", "split")},
+    return {"dip": {k: getattr(cfg.dip, k) for k in prior_dip_keys()},
             "split": cfg.priors.split, "run_seed": cfg.run.seed, "data": data_fingerprint}
 
 
