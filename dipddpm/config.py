@@ -62,7 +62,7 @@ def extendable(default, *, unless: Optional[typing.Callable[[Any], Optional[str]
 
 @dataclass
 class RunConfig:
-    dir: str = neutral("runs/default")  # every artifact of a job goes here (a moved run dir resumes)
+    dir: str = neutral("runs/default")  # every artifact of a job goes here (moved: resumes)
     seed: int = 0
     resume: bool = neutral(True)  # pick up the latest checkpoint in run.dir if there is one
 
@@ -152,9 +152,9 @@ class TrainConfig:
     keep_checkpoints: int = neutral(2)
     sample_every_images: int = neutral(60_000)
     num_samples: int = neutral(64)  # images in each sample grid
-    sample_steps: int = neutral(50)  # DDIM steps for the periodic sample grids (cheap, same EMA weights)
+    sample_steps: int = neutral(50)  # DDIM steps of the periodic sample grids (same EMA weights)
     compile: bool = neutral(False)  # torch.compile the model (GPU runs; the first steps are slow)
-    rank_debug: bool = neutral(False)  # write each rank's sample keys and weight hashes to run.dir/debug/
+    rank_debug: bool = neutral(False)  # each rank's sample keys and weight hashes -> run.dir/debug/
     # "dip" = the study's variant: a DIP output replaces the Gaussian noise of the objective
     # (dipddpm/train/dip_noise.py); kept to reproduce its tables, not to train a sound DDPM
     noise: Literal["gaussian", "dip"] = "gaussian"
@@ -227,7 +227,7 @@ class DIPConfig:
     # which images and how many at once
     split: Literal["train", "test"] = "test"
     num_images: int = 256
-    batch_size: int = neutral(64)  # nets fitted at once (each net's randomness comes from its image's key)
+    batch_size: int = neutral(64)  # nets fitted at once (a net's randomness: its image's key)
     record_every: int = 50  # fit_dip: PSNR table resolution in iterations
 
     def check(self, fail):
@@ -314,7 +314,7 @@ class ClassifierConfig:
     batch_size: int = 128
     lr: float = 1e-3  # Adam
     feature_dim: int = 128  # width of the penultimate layer = the feature vector
-    force: bool = neutral(False)  # retrain even when a verified checkpoint with these settings exists
+    force: bool = neutral(False)  # retrain even when a verified checkpoint of these settings exists
     fid_num: int = 1000  # N for the FID/KID of a set of samples (state it with every FID)
     kid_subset: int = 1000  # KID: images per subset (capped at the set size)
     kid_subsets: int = 100  # KID: number of random subsets averaged
@@ -325,7 +325,7 @@ class ClassifierConfig:
     # "fid_inception" to every arm and to the floor.
     inception_weights: str = ""
     inception_ref_num: int = 10000  # train images behind the cached Inception reference stats
-    inception_batch_size: int = neutral(32)  # images per Inception forward (299x299: ~6 GFLOP each)
+    inception_batch_size: int = neutral(32)  # images per Inception forward (~6 GFLOP each)
 
     def check(self, fail):
         for key in ("batch_size", "feature_dim", "fid_num", "kid_subset", "kid_subsets",

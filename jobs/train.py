@@ -6,7 +6,8 @@
 
 Rerunning with the same run.dir resumes from its latest checkpoint (run.resume=false starts
 over); one whose settings change results is refused, a longer one (train.epochs, max_steps)
-goes on (dipddpm/runs.py). Writes run.dir/{config.yaml, metrics.jsonl, samples/, checkpoints/, ema.pt, wandb/}.
+goes on (dipddpm/runs.py).
+Writes run.dir/{config.yaml, metrics.jsonl, samples/, checkpoints/, ema.pt, wandb/}.
 """
 from dipddpm.cli import exit_with, job_parser, parse_config
 from dipddpm.train import train

@@ -1,10 +1,11 @@
 """FashionMNIST as webdataset tar shards plus a manifest that makes a data dir verifiable.
 
 Layout of a data dir:
-  train-000000.tar ... test-000003.tar   samples {__key__: "train-000123", npy: uint8 28x28, cls: label}
-  manifest.json                          counts per split and class, per shard: count, first index,
-                                         sha256, bytes (manifests written before it had bytes still load)
-  .verified.json                         shards whose sha256 was checked: {name: [bytes, mtime_ns, sha256]}
+  train-000000.tar ... test-000003.tar
+                  samples {__key__: "train-000123", npy: uint8 28x28, cls: label}
+  manifest.json   counts per split and class, per shard: count, first index, sha256, bytes
+                  (manifests written before it recorded bytes still load)
+  .verified.json  shards whose sha256 was checked: {name: [bytes, mtime_ns, sha256]}
 
 Readers check what they read against the manifest (`checked_shards`, `shard_samples`): every
 open, each shard's size (and, through .verified.json, that it is the file that was hashed) and,
@@ -302,7 +303,8 @@ def shard_samples(folder, entries: list[dict], hint: str) -> Iterator[dict]:
                     break
                 yield sample
         except (tarfile.TarError, OSError, EOFError) as err:
-            why = err.args[0] if err.args and isinstance(err.args[0], str) else type(err).__name__
+            why = err.args[0] if err.args and isinstance(err.args[0], str) \
+                else type(err).__name__
             raise DataError(f"{path}: not a readable tar after {n} samples "
                             f"({why.split(' @ ')[0]}); {hint}") from None
         if n != e["count"]:

@@ -49,7 +49,9 @@ def training_config_path(weights: Path):
 def training_config(weights: Path):
     """The resolved config of the run the weights belong to, or None."""
     path = training_config_path(weights)
-    return None if path is None else config_from_dict(yaml.safe_load(path.read_text()), str(path))
+    if path is None:
+        return None
+    return config_from_dict(yaml.safe_load(path.read_text()), str(path))
 
 
 def load_trained(where, cfg: Config, device=None):
@@ -86,7 +88,8 @@ def sampling_config(cfg: Config, explicit=()) -> tuple[Config, Path, bool]:
         section, _, name = key.partition(".")
         if section not in WEIGHT_KEYS or not hasattr(getattr(cfg, section), name):
             continue
-        mine, theirs = getattr(getattr(cfg, section), name), getattr(getattr(trained, section), name)
+        mine = getattr(getattr(cfg, section), name)
+        theirs = getattr(getattr(trained, section), name)
         if mine != theirs:
             raise ConfigError(f"command line: {key} = {mine!r}: the weights {weights} were "
                               f"trained with {key} = {theirs!r} ({path}); drop the override, "
