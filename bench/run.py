@@ -222,7 +222,7 @@ def slice_dataset(src: Path, out: Path, n: int) -> Path:
 
     images, labels = [], []
     for e in split_shards(load_manifest(src), "test", src):
-        im, lab, _ = read_shards([src / e["name"]])
+        im, lab, _ = read_shards(src, [e])
         images.append(im)
         labels.append(lab)
         if sum(len(x) for x in images) >= n:

@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-from dipddpm.config import Config, UserError, load_config
+from dipddpm.config import Config, UserError, load_config, parse_override
 
 
 def job_parser(description: str, default_config: Optional[str]) -> argparse.ArgumentParser:
@@ -29,6 +29,11 @@ def parse_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
     return cfg, args
 
 
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The dotted keys a list of `key.sub=value` overrides sets."""
+    return [parse_override(o)[0] for o in overrides]
+
+
 def run_job(main: Callable[[Optional[Sequence[str]]], object], argv=None) -> int:
     """Call main(argv); report a UserError as one line and return 2."""
     try:
@@ -43,4 +48,4 @@ def exit_with(main: Callable, argv=None) -> None:
     sys.exit(run_job(main, argv))
 
 
-__all__ = ["Config", "job_parser", "parse_config", "run_job", "exit_with"]
+__all__ = ["Config", "job_parser", "parse_config", "override_keys", "run_job", "exit_with"]

@@ -8,6 +8,17 @@ Every leaf remembers where it came from, so a bad value is reported as
 Sections are plain dataclasses; a field's annotation is its type (int, float, str, bool,
 Optional[...], list[...], Literal[...]). Checks that involve more than a type live in each
 section's `check()` and raise `ConfigError` through `fail()`.
+
+What a key means for a rerun is declared once, on its field:
+  plain          changes results: a run dir that holds a run of another value refuses the rerun
+                 (`compare_configs`, called by `dipddpm.runs.prepare_run_dir`)
+  `neutral()`    changes no result (logging and checkpoint cadence, W&B, performance switches,
+                 where things go): a rerun may change it, the study does not rerun a stage for
+                 it, the report does not tell runs apart by it, fingerprints leave it out
+  `extendable()` a run length: a rerun may raise it (training goes on from its last
+                 checkpoint), never lower it; it still tells runs apart everywhere else
+A whole section can be neutral (`wandb`, `launch`). To mark a new performance-only switch
+(say a channels_last flag), declare it with `neutral(...)`; nothing else needs to change.
 """
 from __future__ import annotations
 
@@ -31,14 +42,29 @@ class ConfigError(UserError):
     pass
 
 
+NEUTRAL = "neutral"  # field metadata keys
+EXTENDABLE = "extendable"
+
+
+def neutral(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING):
+    """A field whose value changes no result (see the module docstring)."""
+    return field(default=default, default_factory=default_factory, metadata={NEUTRAL: True})
+
+
+def extendable(default, *, unless: Optional[typing.Callable[[Any], Optional[str]]] = None):
+    """A run length that a rerun into the same run dir may raise but not lower; None counts as
+    no limit. `unless(section)` returns why even raising it would change results (or None)."""
+    return field(default=default, metadata={EXTENDABLE: unless or (lambda section: None)})
+
+
 # ----------------------------------------------------------------------------- sections
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"  # every artifact of a job goes here
+    dir: str = neutral("runs/default")  # every artifact of a job goes here (moved: resumes)
     seed: int = 0
-    resume: bool = True  # pick up the latest checkpoint in run.dir if there is one
+    resume: bool = neutral(True)  # pick up the latest checkpoint in run.dir if there is one
 
     def check(self, fail):
         if not self.dir:
@@ -47,10 +73,11 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    source: str = ""  # IDX folder or 'torchvision'; empty -> $DIPDDPM_DATA
+    source: str = neutral("")  # IDX folder or 'torchvision'; empty -> $DIPDDPM_DATA
     dir: str = "data/fashion-mnist"  # the webdataset shards + manifest.json
     shard_size: int = 2500  # 60k/2500 = 24 train shards, 4 test: divisible by 1,2,4 ranks x workers
-    num_workers: int = 2  # dataloader workers per rank
+    # dataloader workers per rank; not neutral: the training order depends on it (data/stream.py)
+    num_workers: int = 2
     shuffle_buffer: int = 2000  # samples held for the in-shard shuffle
 
     def check(self, fail):
@@ -103,8 +130,12 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = 15.0  # training length in passes over the train split (the study's 15)
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (the LR schedule still spans epochs)
+    # training length in passes over the train split (the study's 15); a cosine schedule spans
+    # it, so there a rerun cannot lengthen the run
+    epochs: float = extendable(15.0, unless=lambda t: "the cosine learning-rate schedule spans "
+                               "train.epochs" if t.lr_schedule == "cosine" else None)
+    # stop after this many optimizer steps (the LR schedule still spans epochs)
+    max_steps: Optional[int] = extendable(None)
     batch_size: int = 128  # per process, per micro-step
     grad_accum: int = 1
     lr: float = 2e-4
@@ -118,17 +149,17 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_start_images: int = 0  # EMA copies the weights until this many images were seen
     ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)): early EMA follows the net
-    log_every_images: int = 2560
-    checkpoint_every_images: int = 60_000
-    keep_checkpoints: int = 2
+    log_every_images: int = neutral(2560)
+    checkpoint_every_images: int = neutral(60_000)
+    keep_checkpoints: int = neutral(2)
     # also keep the EMA weights at every multiple of this many images, never pruned
     # (run.dir/weights/ema-img-<images>.pt: earlier points of one run, e.g. every epoch); None off
-    weights_every_images: Optional[int] = None
-    sample_every_images: int = 60_000
-    num_samples: int = 64  # images in each sample grid
-    sample_steps: int = 50  # DDIM steps for the periodic sample grids (cheap, same EMA weights)
-    compile: bool = False  # torch.compile the model (GPU runs; the first steps are slow)
-    rank_debug: bool = False  # write each rank's sample keys and weight hashes to run.dir/debug/
+    weights_every_images: Optional[int] = neutral(None)
+    sample_every_images: int = neutral(60_000)
+    num_samples: int = neutral(64)  # images in each sample grid
+    sample_steps: int = neutral(50)  # DDIM steps of the periodic sample grids (same EMA weights)
+    compile: bool = neutral(False)  # torch.compile the model (GPU runs; the first steps are slow)
+    rank_debug: bool = neutral(False)  # each rank's sample keys and weight hashes -> run.dir/debug/
     # "dip" = the study's variant: a DIP output replaces the Gaussian noise of the objective
     # (dipddpm/train/dip_noise.py); kept to reproduce its tables, not to train a sound DDPM
     noise: Literal["gaussian", "dip"] = "gaussian"
@@ -203,7 +234,7 @@ class DIPConfig:
     # which images and how many at once
     split: Literal["train", "test"] = "test"
     num_images: int = 256
-    batch_size: int = 64  # nets fitted at once
+    batch_size: int = neutral(64)  # nets fitted at once (a net's randomness: its image's key)
     record_every: int = 50  # fit_dip: PSNR table resolution in iterations
 
     def check(self, fail):
@@ -290,7 +321,7 @@ class ClassifierConfig:
     batch_size: int = 128
     lr: float = 1e-3  # Adam
     feature_dim: int = 128  # width of the penultimate layer = the feature vector
-    force: bool = False  # retrain even when a verified checkpoint with these settings exists
+    force: bool = neutral(False)  # retrain even when a verified checkpoint of these settings exists
     fid_num: int = 1000  # N for the FID/KID of a set of samples (state it with every FID)
     kid_subset: int = 1000  # KID: images per subset (capped at the set size)
     kid_subsets: int = 100  # KID: number of random subsets averaged
@@ -302,7 +333,7 @@ class ClassifierConfig:
     # "fid_inception" to every arm and to the floor.
     inception_weights: str = ""
     inception_ref_num: int = 10000  # train images behind the cached Inception reference stats
-    inception_batch_size: int = 32  # images per Inception forward (299x299: ~6 GFLOP each)
+    inception_batch_size: int = neutral(32)  # images per Inception forward (~6 GFLOP each)
 
     def check(self, fail):
         for key in ("batch_size", "feature_dim", "fid_num", "kid_subset", "kid_subsets",
@@ -413,14 +444,14 @@ class StudyConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    wandb: WandbConfig = neutral(default_factory=WandbConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     dip: DIPConfig = field(default_factory=DIPConfig)
     priors: PriorsConfig = field(default_factory=PriorsConfig)
-    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    launch: LaunchConfig = neutral(default_factory=LaunchConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
@@ -628,3 +659,117 @@ def config_from_dict(tree: dict, source: str = "config") -> Config:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- rerun rules
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """{'a.b': leaf} of a nested config dict (lists are leaves)."""
+    out = {}
+    for key, value in (tree or {}).items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _schema_fields(cls=None, prefix: str = "", neutral_above: bool = False) -> dict:
+    """{dotted key: (field, type, neutral)} for every leaf of the schema."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        is_neutral = neutral_above or bool(f.metadata.get(NEUTRAL))
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(_schema_fields(tp, f"{prefix}{f.name}.", is_neutral))
+        else:
+            out[f"{prefix}{f.name}"] = (f, tp, is_neutral)
+    return out
+
+
+SCHEMA = _schema_fields()
+# the sections declared neutral as a whole: a key under one of them is neutral even when the
+# schema no longer has it (an old config.yaml)
+_NEUTRAL_SECTIONS = tuple(f"{f.name}." for f in dataclasses.fields(Config)
+                          if f.metadata.get(NEUTRAL))
+
+
+def is_neutral(dotted: str) -> bool:
+    """True when the key changes no result (declared with `neutral()`, itself or its section)."""
+    if dotted in SCHEMA:
+        return SCHEMA[dotted][2]
+    return dotted.startswith(_NEUTRAL_SECTIONS)
+
+
+def neutral_keys() -> frozenset:
+    return frozenset(k for k, (_, _, n) in SCHEMA.items() if n)
+
+
+def within(dotted: str, scope: Optional[typing.Iterable[str]]) -> bool:
+    """Is the key inside scope (section names or dotted keys; None = everything)?"""
+    return scope is None or any(dotted == s or dotted.startswith(s + ".") for s in scope)
+
+
+def result_keys(tree: dict, scope: Optional[typing.Iterable[str]] = None) -> dict:
+    """The flat non-neutral keys of a config dict inside scope: what tells two runs apart."""
+    return {k: v for k, v in flat(tree).items() if within(k, scope) and not is_neutral(k)}
+
+
+def _shown(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+@dataclass
+class ConfigChanges:
+    """A stored config against a new one: `refused` texts ('key = old there, new now') and the
+    `allowed` changes {key: [old, new]} (neutral keys, extendable keys raised, keys outside the
+    scope)."""
+    refused: list = field(default_factory=list)
+    allowed: dict = field(default_factory=dict)
+
+
+def compare_configs(stored: dict, new: Config,
+                    scope: Optional[typing.Iterable[str]] = None) -> ConfigChanges:
+    """What changed from `stored` (a config.yaml's dict) to `new`, judged by the schema's
+    declarations, for the keys inside `scope` (neutral keys are allowed anywhere). A key the
+    stored config lacks takes the schema default (so adding a key with a default that keeps
+    today's behaviour does not break old runs); a stored key the schema no longer has is
+    refused unless it is neutral."""
+    scope = None if scope is None else tuple(scope)
+    old = flat(stored if isinstance(stored, dict) else {})
+    now = flat(new.to_dict())
+    defaults = flat(Config().to_dict())
+    out = ConfigChanges()
+    for key in sorted(set(old) - set(SCHEMA)):
+        if within(key, scope) and not is_neutral(key):
+            out.refused.append(f"{key} = {_shown(old[key])} there, not in the schema now")
+    for key, (f, tp, is_neutral_key) in SCHEMA.items():
+        if key in old:
+            try:
+                before = _coerce(tp, old[key], None)
+            except (ValueError, TypeError):
+                before = old[key]
+        else:
+            before = defaults[key]
+        after = now[key]
+        if before == after:
+            continue
+        if is_neutral_key or not within(key, scope):
+            out.allowed[key] = [before, after]
+            continue
+        unless = f.metadata.get(EXTENDABLE)
+        text = f"{key} = {_shown(before)} there, {_shown(after)} now"
+        if unless is None:
+            out.refused.append(text)
+            continue
+        longer = after is None or (before is not None and after > before)
+        section = getattr(new, key.split(".")[0])
+        reason = "a run may be lengthened, not shortened" if not longer else unless(section)
+        if reason:
+            out.refused.append(f"{text} ({reason})")
+        else:
+            out.allowed[key] = [before, after]
+    return out

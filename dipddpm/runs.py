@@ -2,6 +2,12 @@
 
 Every artifact is written to a temporary name in the same folder and renamed, so a reader
 (or a rerun after a kill) never sees a half-written file under its final name.
+
+A run dir belongs to one setting. `prepare_run_dir` compares the config.yaml a run dir already
+holds with the new resolved config before anything is written: keys that change results (the
+schema's plain keys; see `dipddpm.config`) must match, or the job stops with one line naming
+each key and both values; neutral keys and lengthened runs are allowed, appended to
+`config_changes.jsonl`, and config.yaml is then rewritten.
 """
 from __future__ import annotations
 
@@ -10,17 +16,21 @@ import os
 import random
 import tempfile
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterable, Optional
 
 import numpy as np
+import yaml
 
-from dipddpm.config import Config, dump_config
+from dipddpm.config import Config, ConfigError, UserError, compare_configs, dump_config
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 SAMPLES_DIR = "samples"
 CHECKPOINTS_DIR = "checkpoints"
+CONFIG_CHANGES_FILE = "config_changes.jsonl"  # one line per rerun that changed allowed keys
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: os.umask can only be read by setting it
 
@@ -82,11 +92,64 @@ def read_jsonl(path) -> list[dict]:
     return out
 
 
-def prepare_run_dir(cfg: Config, main_process: bool = True) -> Path:
-    """Create run.dir and write the resolved config first, before any work starts."""
+def ensure_dir(path, key: str, create: bool = True) -> Path:
+    """`path` as a directory (made when `create`), or one line naming `key` when it is (or lies
+    under) something that is not a directory."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{key} = {str(path)!r}: exists and is not a directory")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{key} = {str(path)!r}: {str(above)!r} is not a directory")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{key} = {str(path)!r}: cannot create the directory "
+                            f"({e.strerror}{': ' + e.filename if e.filename else ''})") from None
+    return path
+
+
+def stored_config(run_dir) -> Optional[dict]:
+    """The config.yaml a run dir holds (a dict), or None when it has none."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: unreadable ({type(e).__name__}); use a new run.dir, or "
+                          f"delete {path.parent} to start over") from None
+    return tree if isinstance(tree, dict) else {}
+
+
+def check_run_dir(cfg: Config, reads: Optional[Iterable[str]] = None):
+    """Refuse (ConfigError, one line) when run.dir holds a run whose config differs from cfg in
+    a key that changes results; `reads`: the keys (sections or dotted keys) the job's results
+    depend on, None = all. Returns the allowed changes {key: [old, new]} (empty for a new dir)."""
     run_dir = Path(cfg.run.dir)
+    stored = stored_config(run_dir)
+    if stored is None:
+        return {}
+    changes = compare_configs(stored, cfg, reads)
+    if changes.refused:
+        raise ConfigError(f"run.dir = {str(run_dir)!r} holds a run of other settings: "
+                          f"{'; '.join(changes.refused)}; use a new run.dir, or delete "
+                          f"{run_dir} to start over")
+    return changes.allowed
+
+
+def prepare_run_dir(cfg: Config, main_process: bool = True, *,
+                    reads: Optional[Iterable[str]] = None) -> Path:
+    """Create run.dir, check it against the config it holds (`check_run_dir`), then write the
+    resolved config, before any work starts. Every process checks; only the main one writes."""
+    run_dir = ensure_dir(cfg.run.dir, "run.dir", create=main_process)
+    allowed = check_run_dir(cfg, reads)
     if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if allowed:
+            append_jsonl(run_dir / CONFIG_CHANGES_FILE,
+                         {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                          "changes": allowed})
         atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
     return run_dir
 

@@ -9,7 +9,7 @@ Idempotent and resumable: rerun the same command after a kill or a requeue.
 import sys
 
 from dipddpm.cli import exit_with, job_parser, parse_config
-from dipddpm.dip.priors import precompute
+from dipddpm.dip.priors import READS, precompute
 from dipddpm.runs import prepare_run_dir
 from dipddpm.tracking import Tracker
 
@@ -19,7 +19,7 @@ def main(argv=None):
     argv = [f"priors.{a}" if a.startswith("shard=") else a
             for a in (sys.argv[1:] if argv is None else argv)]
     cfg, _ = parse_config(job_parser(__doc__.splitlines()[0], "configs/priors.yaml"), argv)
-    run_dir = prepare_run_dir(cfg)
+    run_dir = prepare_run_dir(cfg, reads=READS)
     result = precompute(cfg)
     with Tracker(run_dir, cfg, job_type="precompute_priors") as tracker:
         for i, e in enumerate(result["shards"]):

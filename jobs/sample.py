@@ -4,15 +4,16 @@
   python -m jobs.sample run.dir=runs/ddpm-samples sample.checkpoint=runs/ddpm sample.steps=20
   python -m jobs.sample run.dir=runs/ddpm sample.sampler=ddpm sample.t0=100    # from test images
 
+The model and diffusion come from the weights' run (an override that disagrees is refused).
 See dipddpm/train/generate.py for where the settings come from and what is written.
 """
-from dipddpm.cli import exit_with, job_parser, parse_config
+from dipddpm.cli import exit_with, job_parser, override_keys, parse_config
 from dipddpm.train.generate import generate
 
 
 def main(argv=None):
-    cfg, _ = parse_config(job_parser(__doc__.splitlines()[0], "configs/ddpm.yaml"), argv)
-    return generate(cfg)
+    cfg, args = parse_config(job_parser(__doc__.splitlines()[0], "configs/ddpm.yaml"), argv)
+    return generate(cfg, explicit=override_keys(args.overrides))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@
   ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m jobs.train ...
 
 Rerunning with the same run.dir resumes from its latest checkpoint (run.resume=false starts
-over). Writes run.dir/{config.yaml, metrics.jsonl, samples/, checkpoints/, ema.pt, wandb/}.
+over); one whose settings change results is refused, a longer one (train.epochs, max_steps)
+goes on (dipddpm/runs.py).
+Writes run.dir/{config.yaml, metrics.jsonl, samples/, checkpoints/, ema.pt, wandb/}.
 """
 from dipddpm.cli import exit_with, job_parser, parse_config
 from dipddpm.train import train

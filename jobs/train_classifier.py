@@ -15,7 +15,7 @@ from dipddpm.runs import RESULTS_FILE, atomic_write_json, prepare_run_dir
 
 def main(argv=None):
     cfg, _ = parse_config(job_parser(__doc__.splitlines()[0], "configs/classifier.yaml"), argv)
-    run_dir = prepare_run_dir(cfg)
+    run_dir = prepare_run_dir(cfg, reads=("run", "data.dir", "classifier"))
     metrics = train_classifier(cfg)
     clf = load_classifier(classifier_dir(cfg))
     floors = []

@@ -1,9 +1,11 @@
 """jobs.fit_dip end to end: tiny nets, few images and iterations, real files out."""
 import json
+import shutil
 
 import numpy as np
 import pytest
 
+from dipddpm.config import ConfigError
 from tests.conftest import make_shards, run_module
 
 KEYS = {"iters", "psnr_mean", "psnr_std", "noisy_psnr", "oracle_psnr", "es_wmv_psnr",
@@ -98,7 +100,14 @@ def test_rerun_loads_finished_batches_and_refits_changed_ones(small_shards, tmp_
     assert (run_dir / "results.json").read_text() == first
     assert batches[0].stat().st_mtime_ns == stamps[batches[0]]  # loaded, not refitted
     assert batches[1].read_bytes()[:2] == b"PK"
-    # other settings make other numbers: nothing is reused
-    main(argv + ["dip.lr=0.02"])
-    assert batches[0].stat().st_mtime_ns != stamps[batches[0]]
-    assert (run_dir / "results.json").read_text() != first
+    # other settings in the same run dir: refused before anything is touched
+    with pytest.raises(ConfigError, match="dip.lr = 0.01 there, 0.02 now"):
+        main(argv + ["dip.lr=0.02"])
+    assert batches[0].stat().st_mtime_ns == stamps[batches[0]]
+    # batches carried into a new run dir under other settings make other numbers: not reused
+    other = tmp_path / "other"
+    shutil.copytree(run_dir / "batches", other / "batches")
+    main([a.replace(str(run_dir), str(other)) for a in argv] + ["dip.lr=0.02"])
+    for b in batches:
+        assert (other / "batches" / "sigma25" / b.name).read_bytes() != b.read_bytes()
+    assert (other / "results.json").read_text() != first

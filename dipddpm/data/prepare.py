@@ -7,6 +7,7 @@ from pathlib import Path
 from dipddpm.config import Config
 from dipddpm.data.idx import CLASS_NAMES, read_source, resolve_source
 from dipddpm.data.shards import SPLITS, write_dataset
+from dipddpm.runs import ensure_dir
 
 
 def prepare_data(cfg: Config, progress: bool = True) -> dict:
@@ -16,7 +17,7 @@ def prepare_data(cfg: Config, progress: bool = True) -> dict:
     the data dir untouched.
     """
     source = resolve_source(cfg.data.source)
-    out = Path(cfg.data.dir)
+    out = ensure_dir(cfg.data.dir, "data.dir (--out)", create=False)
     start = time.perf_counter()
     arrays = {split: read_source(source, split, out / ".download") for split in SPLITS}
     manifest, kept = write_dataset(out, arrays, cfg.data.shard_size, progress=progress)

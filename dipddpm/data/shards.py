@@ -1,8 +1,18 @@
 """FashionMNIST as webdataset tar shards plus a manifest that makes a data dir verifiable.
 
 Layout of a data dir:
-  train-000000.tar ... test-000003.tar   samples {__key__: "train-000123", npy: uint8 28x28, cls: label}
-  manifest.json                          counts per split and class, per shard: count, first index, sha256
+  train-000000.tar ... test-000003.tar
+                  samples {__key__: "train-000123", npy: uint8 28x28, cls: label}
+  manifest.json   counts per split and class, per shard: count, first index, sha256, bytes
+                  (manifests written before it recorded bytes still load)
+  .verified.json  shards whose sha256 was checked: {name: [bytes, mtime_ns, sha256]}
+
+Readers check what they read against the manifest (`checked_shards`, `shard_samples`): every
+open, each shard's size (and, through .verified.json, that it is the file that was hashed) and,
+while reading, its sample count and tar structure; a shard's sha256 once per content (a changed
+size or mtime hashes it again; the list is kept in the data dir when it is writable, else in the
+process). A bad shard is one line naming it and the command that rebuilds exactly the bad
+shards (`python -m jobs.prepare_data` keeps every shard that verifies).
 
 manifest.json is written last, atomically: it is the mark of a complete data dir. Shards are
 written to temporary names and renamed; finished shards are recorded in .manifest.partial.json
@@ -15,16 +25,19 @@ import hashlib
 import io
 import os
 import re
+import tarfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from dipddpm.data.idx import NUM_CLASSES, DataError
-from dipddpm.runs import atomic_path, atomic_write_json, read_json
+from dipddpm.runs import atomic_path, atomic_write_json, ensure_dir, read_json
 
 MANIFEST = "manifest.json"
 PARTIAL = ".manifest.partial.json"
+VERIFIED = ".verified.json"
 SHARD_RE = re.compile(r"^(train|test)-\d{6}\.tar$")
 SPLITS = ("train", "test")
 
@@ -81,8 +94,7 @@ def write_dataset(out_dir: str | os.PathLike, arrays: dict, shard_size: int,
     Shards that verify against the recorded sha256 are kept; everything else is rebuilt.
     Returns the manifest and how many shards were kept.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir, "data.dir (--out)")
     splits = {s: {"fingerprint": _fingerprint(*arrays[s]), "plan": _plan(s, len(arrays[s][0]), shard_size)}
               for s in SPLITS if s in arrays}
     recorded = _recorded_entries(out, splits)
@@ -103,13 +115,13 @@ def write_dataset(out_dir: str | os.PathLike, arrays: dict, shard_size: int,
         name, path = entry["name"], out / entry["name"]
         rec = recorded.get(name)
         if rec and path.exists() and sha256_file(path) == rec["sha256"]:
-            done[name] = rec
+            done[name] = dict(rec, bytes=path.stat().st_size)
             kept += 1
             continue
         images, labels = arrays[split]
         sl = slice(entry["first"], entry["first"] + entry["count"])
         _write_shard(path, split, entry["first"], images[sl], labels[sl])
-        done[name] = dict(entry, sha256=sha256_file(path),
+        done[name] = dict(entry, sha256=sha256_file(path), bytes=path.stat().st_size,
                           per_class=_per_class(labels[sl]), fingerprint=splits[split]["fingerprint"])
         atomic_write_json(out / PARTIAL, {"shard_size": shard_size, "shards": done})
     manifest = {
@@ -127,6 +139,8 @@ def write_dataset(out_dir: str | os.PathLike, arrays: dict, shard_size: int,
     atomic_write_json(out / MANIFEST, manifest)
     if (out / PARTIAL).exists():
         os.unlink(out / PARTIAL)
+    # every shard was hashed from disk just now: readers need not hash them again
+    _remember(out, {e["name"]: _stamp(out / e["name"]) + [e["sha256"]] for e in done.values()})
     return manifest, kept
 
 
@@ -165,15 +179,44 @@ def _recorded_entries(out: Path, splits: dict) -> dict:
     return keep
 
 
+def rebuild_hint(data_dir) -> str:
+    return f"rebuild: python -m jobs.prepare_data --source SRC --out {data_dir}"
+
+
+def _manifest_problem(manifest) -> str | None:
+    """Why a parsed manifest.json is not one of a data dir (None when it is)."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        return "no 'splits' mapping"
+    for split, info in manifest["splits"].items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list):
+            return f"splits.{split} has no 'shards' list"
+        for i, e in enumerate(shards):
+            ok = (isinstance(e, dict) and isinstance(e.get("name"), str)
+                  and SHARD_RE.match(e["name"]) and isinstance(e.get("count"), int)
+                  and isinstance(e.get("sha256"), str)
+                  and isinstance(e.get("bytes", 0), int))
+            if not ok:
+                return f"splits.{split}.shards[{i}] is not a shard entry (name, count, sha256)"
+    return None
+
+
 def load_manifest(data_dir: str | os.PathLike) -> dict:
     path = Path(data_dir) / MANIFEST
     if not path.exists():
         raise DataError(f"{path}: missing; data.dir is not a complete data dir "
                         f"(run: python -m jobs.prepare_data --source SRC --out {data_dir})")
     try:
-        return read_json(path)
-    except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+        manifest = read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({str(e).splitlines()[0]}); "
+                        f"{rebuild_hint(data_dir)}") from None
+    except OSError as e:
+        raise DataError(f"{path}: unreadable ({e.strerror})") from None
+    why = _manifest_problem(manifest)
+    if why:
+        raise DataError(f"{path}: not a dataset manifest ({why}); {rebuild_hint(data_dir)}")
+    return manifest
 
 
 def split_shards(manifest: dict, split: str, data_dir) -> list[dict]:
@@ -181,6 +224,98 @@ def split_shards(manifest: dict, split: str, data_dir) -> list[dict]:
         raise DataError(f"{Path(data_dir) / MANIFEST}: no split {split!r} "
                         f"(has {', '.join(manifest['splits'])})")
     return manifest["splits"][split]["shards"]
+
+
+# ----------------------------------------------------------------------------- checked reading
+
+_VERIFIED: dict = {}  # this process's verified shards: (path, bytes, mtime_ns) -> sha256
+
+
+def _stamp(path: Path) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _cached(folder: Path) -> dict:
+    try:
+        data = read_json(folder / VERIFIED)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(folder: Path, entries: dict) -> None:
+    """Add {name: [bytes, mtime_ns, sha256]} to the folder's verified list (skipped when the
+    folder is read-only; concurrent writers may drop each other's entries: they hash again)."""
+    for name, (size, mtime, sha) in entries.items():
+        _VERIFIED[(str(folder.resolve() / name), size, mtime)] = sha
+    try:
+        atomic_write_json(folder / VERIFIED, {**_cached(folder), **entries})
+    except OSError:
+        pass
+
+
+def checked_shards(folder, entries: list[dict], hint: str) -> list[dict]:
+    """Check the shards of `entries` (manifest entries in `folder`) before reading them: each
+    exists with the manifest's size, and its sha256 matches (hashed once per content, see the
+    module docstring). Raises DataError naming the first bad shard and `hint`."""
+    folder = Path(folder)
+    on_disk = None
+    fresh = {}
+    for e in entries:
+        path = folder / e["name"]
+        try:
+            size, mtime = _stamp(path)
+        except FileNotFoundError:
+            raise DataError(f"{path}: missing; {hint}") from None
+        if not path.is_file():
+            raise DataError(f"{path}: not a file; {hint}")
+        if "bytes" in e and size != e["bytes"]:
+            raise DataError(f"{path}: {size} bytes, {MANIFEST} says {e['bytes']}; {hint}")
+        if _VERIFIED.get((str(path.resolve()), size, mtime)) == e["sha256"]:
+            continue
+        if on_disk is None:
+            on_disk = _cached(folder)
+        if on_disk.get(e["name"]) == [size, mtime, e["sha256"]]:
+            _VERIFIED[(str(path.resolve()), size, mtime)] = e["sha256"]
+            continue
+        if sha256_file(path) != e["sha256"]:
+            raise DataError(f"{path}: sha256 differs from {MANIFEST}; {hint}")
+        fresh[e["name"]] = [size, mtime, e["sha256"]]
+    if fresh:
+        _remember(folder, fresh)
+    return entries
+
+
+def shard_samples(folder, entries: list[dict], hint: str) -> Iterator[dict]:
+    """The samples of the shards of `entries`, in order, each shard's sample count checked
+    against its entry: a tar error, or a shard that ends early or runs long, is a DataError
+    naming the shard and `hint` (a tar cut at a member boundary reads as a normal end)."""
+    from webdataset.tariterators import tarfile_samples
+
+    for e in entries:
+        path = Path(folder) / e["name"]
+        n = 0
+        try:
+            for sample in tarfile_samples(iter([{"url": str(path)}])):
+                n += 1
+                if n > e["count"]:
+                    break
+                yield sample
+        except (tarfile.TarError, OSError, EOFError) as err:
+            why = err.args[0] if err.args and isinstance(err.args[0], str) \
+                else type(err).__name__
+            raise DataError(f"{path}: not a readable tar after {n} samples "
+                            f"({why.split(' @ ')[0]}); {hint}") from None
+        if n != e["count"]:
+            raise DataError(f"{path}: {'more than ' if n > e['count'] else ''}{n} samples, "
+                            f"{MANIFEST} says {e['count']}; {hint}")
+
+
+def split_entries(data_dir, split: str) -> list[dict]:
+    """The checked manifest entries of a split of a data dir (`checked_shards`)."""
+    shards = split_shards(load_manifest(data_dir), split, data_dir)
+    return checked_shards(data_dir, shards, rebuild_hint(data_dir))
 
 
 def verify_dataset(data_dir: str | os.PathLike) -> list[str]:

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dipddpm.data.shards import load_manifest, split_shards
+from dipddpm.data.idx import DataError
+from dipddpm.data.shards import checked_shards, rebuild_hint, shard_samples, split_entries
 
 
 def epoch_seed(*parts: int) -> int:
@@ -91,15 +92,12 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
 
     def __iter__(self):
-        from webdataset.tariterators import tarfile_samples
-
         info = get_worker_info()
         worker = info.id if info is not None else 0
         mine = assign_shards(self.shards, seed=self.seed, epoch=self.epoch, rank=self.rank,
                              world_size=self.world_size, worker=worker,
                              num_workers=self.num_workers)
-        urls = [{"url": str(self.data_dir / e["name"])} for e in mine]
-        samples = tarfile_samples(iter(urls))
+        samples = shard_samples(self.data_dir, mine, rebuild_hint(self.data_dir))
         rng = random.Random(epoch_seed(self.seed, self.epoch, self.rank, worker))
         samples = _shuffled(samples, self.shuffle_buffer, rng)
         while True:
@@ -119,8 +117,8 @@ class EpochLoader:
     def __init__(self, data_dir, split: str, batch_size: int, *, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, epoch: int = 0,
                  shuffle_buffer: int = 0, skip_batches: int = 0):
-        manifest = load_manifest(data_dir)
-        shards = split_shards(manifest, split, data_dir)
+        shards = split_entries(data_dir, split)  # checked against the manifest
+        self.data_dir, self.split = data_dir, split
         common = dict(seed=seed, epoch=epoch, world_size=world_size, num_workers=num_workers)
         self.num_batches = min(rank_batches(shards, batch_size, rank=r, **common)
                                for r in range(world_size))
@@ -136,9 +134,18 @@ class EpochLoader:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=4 if self.num_workers else None)
         batches = itertools.islice(loader, self.skip_batches, self.num_batches)
-        for batch in batches:
-            image = batch["image"].unsqueeze(1).float().div_(127.5).sub_(1.0)
-            yield {"image": image, "label": batch["label"], "key": batch["key"]}
+        n = self.skip_batches
+        try:
+            for batch in batches:
+                n += 1
+                image = batch["image"].unsqueeze(1).float().div_(127.5).sub_(1.0)
+                yield {"image": image, "label": batch["label"], "key": batch["key"]}
+        except DataError as e:  # from a worker, torch wraps it in its traceback: keep our line
+            raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) \
+                from None
+        if n < self.num_batches:
+            raise DataError(f"{self.data_dir}: the {self.split} split ended after {n} of "
+                            f"{self.num_batches} batches; {rebuild_hint(self.data_dir)}")
 
 
 def make_loader(data_dir, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
@@ -157,12 +164,12 @@ def batches_per_epoch(data_dir, split: str, batch_size: int, *, rank: int = 0,
                            shuffle_buffer=shuffle_buffer))
 
 
-def read_shards(paths) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Every sample of the given shard files, in file order: (images uint8, labels, keys)."""
-    from webdataset.tariterators import tarfile_samples
-
+def read_shards(data_dir, entries: list[dict]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every sample of the given shards (manifest entries of data_dir), in file order, checked
+    against the manifest: (images uint8, labels, keys)."""
+    hint = rebuild_hint(data_dir)
     images, labels, keys = [], [], []
-    for s in tarfile_samples(iter([{"url": str(p)} for p in paths])):
+    for s in shard_samples(data_dir, checked_shards(data_dir, entries, hint), hint):
         images.append(np.load(io.BytesIO(s["npy"])))
         labels.append(int(s["cls"]))
         keys.append(s["__key__"])
@@ -171,5 +178,4 @@ def read_shards(paths) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def load_split(data_dir, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Every sample of a split in index order: (images uint8 [N,28,28], labels int64, keys)."""
-    shards = split_shards(load_manifest(data_dir), split, data_dir)
-    return read_shards(Path(data_dir) / e["name"] for e in shards)
+    return read_shards(data_dir, split_entries(data_dir, split))

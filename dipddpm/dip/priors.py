@@ -27,6 +27,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -34,12 +35,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dipddpm.config import Config, ConfigError
-from dipddpm.data.shards import load_manifest, sha256_file, split_shards
+from dipddpm.config import Config, ConfigError, DIPConfig, is_neutral
+from dipddpm.data.idx import DataError
+from dipddpm.data.shards import checked_shards, load_manifest, sha256_file, shard_samples, \
+    split_shards
 from dipddpm.data.stream import read_shards
 from dipddpm.dip.degrade import degrade
 from dipddpm.dip.fit import FitSettings, fit_by_key
 from dipddpm.dip.metrics import psnr
+from dipddpm.dip.study import SWEEP_KEYS
 from dipddpm.models.dip import SkipSpec
 from dipddpm.runs import atomic_path, atomic_write_json, read_json
 
@@ -50,10 +54,21 @@ def prior_dir(cfg: Config) -> Path:
     return Path(cfg.data.dir) / "priors" / cfg.priors.name
 
 
+def prior_dip_keys() -> list[str]:
+    """The dip keys a prior depends on: all but fit_dip's sweep, dip.split (priors take
+    priors.split) and the neutral ones (dipddpm.config)."""
+    return [f.name for f in fields(DIPConfig)
+            if f.name not in (*SWEEP_KEYS, "split") and not is_neutral(f"dip.{f.name}")]
+
+
+# the keys the priors job's results depend on (its run dir's rerun check)
+READS = ("run", "data.dir", "priors.name", "priors.split", "priors.sub_batch",
+         *(f"dip.{k}" for k in prior_dip_keys()))
+
+
 def settings_of(cfg: Config, data_fingerprint: str) -> dict:
     """Everything that changes a prior's bytes; its hash names a compatible result."""
-    return {"dip": {k: v for k, v in vars(cfg.dip).items()
-                    if k not in ("sigmas", "num_images", "batch_size", "record_every", "split")},
+    return {"dip": {k: getattr(cfg.dip, k) for k in prior_dip_keys()},
             "split": cfg.priors.split, "run_seed": cfg.run.seed, "data": data_fingerprint}
 
 
@@ -142,7 +157,7 @@ def precompute_shard(cfg: Config, entry: dict, settings: dict, *, device="cpu",
         if done.get("settings") == fp and sha256_file(tar_path) == done["sha256"]:
             return dict(done, skipped=True)
 
-    images, _, keys = read_shards([Path(cfg.data.dir) / name])
+    images, _, keys = read_shards(cfg.data.dir, [entry])
     clean = images.astype(np.float32)[:, None] / 255.0
     partial = out / ".partial" / stem
     if partial.exists() and not (partial / f"settings-{fp}").exists():
@@ -205,16 +220,22 @@ def precompute(cfg: Config, *, progress: bool = True) -> dict:
 
 def load_priors(path) -> dict:
     """A prior dir's samples by manifest order: keys, x0_hat, obs, mask and the json fields."""
-    from webdataset.tariterators import tarfile_samples
-
     path = Path(path)
     if not (path / MANIFEST).exists():
         raise ConfigError(f"{path / MANIFEST}: missing; run python -m jobs.precompute_priors")
-    manifest = read_json(path / MANIFEST)
+    hint = ("recompute: rerun python -m jobs.precompute_priors with the settings that made "
+            "them (it redoes the shards that do not verify)")
+    try:
+        manifest = read_json(path / MANIFEST)
+        entries = manifest["shards"]
+        if not all(isinstance(e, dict) and {"name", "count", "sha256"} <= set(e) for e in entries):
+            raise ValueError("a shard entry lacks name, count or sha256")
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path / MANIFEST}: not a priors manifest ({type(e).__name__}); "
+                        f"{hint}") from None
     out: dict = {"key": [], "x0_hat": [], "obs": [], "mask": [], "iters": [],
                  "psnr_obs": [], "psnr_clean": [], "noisy_psnr": []}
-    urls = [{"url": str(path / e["name"])} for e in manifest["shards"]]
-    for s in tarfile_samples(iter(urls)):
+    for s in shard_samples(path, checked_shards(path, entries, hint), hint):
         out["key"].append(s["__key__"])
         for k in ("x0_hat", "obs", "mask"):
             out[k].append(np.load(io.BytesIO(s[f"{k}.npy"])))

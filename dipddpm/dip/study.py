@@ -14,14 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from dipddpm.config import Config, ConfigError
+from dipddpm.config import Config, ConfigError, DIPConfig, is_neutral
 from dipddpm.dip.degrade import degrade
 from dipddpm.dip.fit import FitSettings, fit_by_key
 from dipddpm.dip.metrics import psnr
@@ -57,8 +57,13 @@ def load_clean(cfg: Config):
     return clean, list(keys[:n])
 
 
-# dip settings that do not change a batch's numbers: a resumed run may change them freely
-_NOT_IN_FINGERPRINT = {"num_images", "sigmas", "record_every", "batch_size"}
+# fit_dip's sweep: which images, which sigmas, how often the table records; not one net's fit
+SWEEP_KEYS = ("num_images", "sigmas", "record_every")
+# dip settings that do not change a batch's numbers: the sweep and the neutral keys
+_NOT_IN_FINGERPRINT = set(SWEEP_KEYS) | {f.name for f in fields(DIPConfig)
+                                            if is_neutral(f"dip.{f.name}")}
+# the keys fit_dip's results depend on (its run dir's rerun check)
+READS = ("run", "data.dir", "dip")
 
 
 def _fingerprint(cfg: Config, sigma: float, keys: list[str]) -> str:
@@ -219,7 +224,7 @@ def run_study(cfg: Config, *, progress: bool = True) -> dict:
     from dipddpm.runs import RESULTS_FILE, atomic_write_json, atomic_write_text, prepare_run_dir
     from dipddpm.tracking import Tracker
 
-    run_dir = prepare_run_dir(cfg)
+    run_dir = prepare_run_dir(cfg, reads=READS)
     clean, keys = load_clean(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     total = len(cfg.dip.sigmas) * len(keys) * cfg.dip.iters

@@ -103,7 +103,8 @@ def classify(results) -> tuple[Optional[str], Optional[str]]:
 
 def _walk(root: Path, exclude: set):
     """(folder, has config.yaml) for every folder under root that holds config.yaml or a
-    samples/ folder (jobs.sample writes no config.yaml of its own), following links once."""
+    samples/ folder (jobs.sample into a run dir made before it wrote config.yaml), following
+    links once."""
     seen = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -200,12 +201,12 @@ def discover(runs_dir, exclude=()) -> Runs:
     for run in all_runs:
         before = len(runs.sampling)
         _sampling(run, runs, known)
-        # the runs dir itself may be a run dir (jobs.study keeps its config there): not a miss
+        # the runs dir itself may be a run dir (jobs.study keeps its config there), and a
+        # jobs.sample run dir has its samples/*.json instead of results.json: not misses
         if run.config and not run.kind and not (run.path / RESULTS_FILE).exists() \
-                and run.path != root:
+                and run.path != root and len(runs.sampling) == before:
             runs.skipped.append((run.path, "no results.json yet (unfinished, or a job without "
-                                           "one)" + ("; its samples/*.json were read"
-                                                     if len(runs.sampling) > before else "")))
+                                           "one)"))
     if runs.run_dirs == 0 and not runs.sampling:
         raise UserError(f"RUNS_DIR = {str(runs_dir)!r}: no run dirs under it (folders with "
                         f"{CONFIG_FILE})")

@@ -295,7 +295,7 @@ def build_report(cfg: Config, runs_dir) -> dict:
     out_dir = Path(cfg.run.dir)
     runs = discover(root, exclude=[out_dir])  # before any file is written: a wrong
     # RUNS_DIR leaves nothing behind
-    prepare_run_dir(cfg)
+    prepare_run_dir(cfg, reads=())  # the report is rebuilt from the runs every time
     study = study_tables(runs)
     protocols = restoration_tables(runs) + generation_tables(runs) + classifier_tables(runs)
     made, linked = make_plots(runs, out_dir)

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+from dipddpm.config import result_keys
 from dipddpm.dip.study import STUDY_ITERS, STUDY_PSNR
 from dipddpm.report.discover import Run, Runs
 
@@ -31,13 +32,9 @@ STUDY_EPOCHS_TRIED, STUDY_EPOCHS_CHOSEN = list(range(5, 21)), 15
 VARIANTS = {"ddpm": "DDPM", "dip_in_training": "DIP+DDPM"}
 DASH = "—"
 
-# Config keys that do not change what a training run computes (paths, logging, cadence,
-# other jobs' sections): two runs differing only in these are the same experiment.
-_IGNORED = ("run.dir", "run.resume", "wandb.", "launch.", "data.", "sample.", "priors.",
-            "protocol.", "classifier.", "study.", "train.log_every_images",
-            "train.checkpoint_every_images", "train.keep_checkpoints",
-            "train.sample_every_images", "train.num_samples", "train.sample_steps",
-            "train.rank_debug", "train.compile")
+# The sections that set what a training run computes, apart from where and how its data is read;
+# within them, neutral keys (dipddpm.config: logging, cadence, ...) do not tell runs apart either.
+_TRAINING = ("run", "model", "diffusion", "train", "dip")
 DIP_ROWS_AFTER_STUDY = 12  # a 3000-iteration fit records 60 points: thin those past 400
 
 
@@ -127,21 +124,9 @@ def main_T(runs: Runs) -> tuple[Optional[int], dict]:
     return T, {v: r for (v, t), r in table.items() if t == T}
 
 
-def _flat(tree, prefix="") -> dict:
-    out = {}
-    for k, v in (tree or {}).items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def setting(run: Run, varying: tuple) -> tuple:
     """What the run's config fixes, apart from `varying` and the keys that do not matter."""
-    flat = _flat(run.config)
-    keep = {k: v for k, v in flat.items()
-            if not k.startswith(_IGNORED) and k not in varying}
+    keep = {k: v for k, v in result_keys(run.config, _TRAINING).items() if k not in varying}
     return tuple(sorted((k, repr(v)) for k, v in keep.items()))
 
 

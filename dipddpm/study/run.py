@@ -1,10 +1,14 @@
 """Run the study's stages: here, one after another (inline), or as one SLURM array per wave.
 
 Every stage runs through `StageTask`, in this process or in an array task, so both executors
-leave the same files: the job's own run dir plus `stage.json` ({"job", "argv", "seconds"}),
-written last. A stage whose stage.json holds the same argv is done and skipped; any other is
-(re)run, and every job resumes from what its run dir already holds. So rerunning the study
-after a crash, a timeout or a changed setting redoes only what is missing or changed.
+leave the same files: the job's own run dir plus `stage.json` ({"job", "argv", "config",
+"seconds"}), written last. A stage whose stage.json holds the same config, apart from neutral
+keys (dipddpm.config), is done and skipped; any other is (re)run, and every job resumes from
+what its run dir already holds. So rerunning the study after a crash or a timeout redoes only
+what is missing, and a lengthened run (more train.epochs) goes on from its checkpoints; a
+stage whose run dir holds a run of other result-changing settings stops the study with one line
+naming the stage and the keys (start such a study in a new run.dir, or delete that stage's dir).
+The study's own run dir holds only its config; each stage checks its own.
 
 The data is prepared first, here, when data.dir has no dataset yet (seconds), and the report
 is written last, here, from the run dirs alone.
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import submitit
 
-from dipddpm.config import Config, UserError
+from dipddpm.config import Config, UserError, load_config, result_keys
 from dipddpm.launch.task import RESUME, JobTask
 from dipddpm.runs import atomic_write_json, prepare_run_dir
 from dipddpm.study.plan import Stage, describe, plan_study
@@ -30,11 +34,21 @@ def run_dir_of(argv: list[str]) -> Path:
     return Path(next(a for a in reversed(argv) if a.startswith("run.dir=")).split("=", 1)[1])
 
 
-def is_done(argv: list[str]) -> bool:
-    path = run_dir_of(argv) / STAGE_FILE
+def stage_config(argv: list[str]) -> Config:
+    """The resolved config of a stage's argv (`--config FILE key=value ...`)."""
+    return load_config(argv[1], argv[2:])
+
+
+def is_done(stage: Stage) -> bool:
+    """stage.json is there and records this stage's config, neutral keys aside (a stage.json
+    written before it recorded configs: the same argv)."""
+    path = run_dir_of(stage.argv) / STAGE_FILE
     try:
-        return json.loads(path.read_text())["argv"] == argv
-    except (OSError, ValueError, KeyError):
+        done = json.loads(path.read_text())
+        if "config" not in done:
+            return done["argv"] == stage.argv
+        return result_keys(done["config"]) == result_keys(stage.cfg.to_dict())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
@@ -47,7 +61,8 @@ class StageTask(submitit.helpers.Checkpointable):
         JobTask(job, project_root=str(Path(__file__).resolve().parents[2]))(argv)
         argv = [a for a in argv if a != RESUME]
         atomic_write_json(run_dir_of(argv) / STAGE_FILE,
-                          {"job": job, "argv": argv, "seconds": time.perf_counter() - start})
+                          {"job": job, "argv": argv, "config": stage_config(argv).to_dict(),
+                           "seconds": time.perf_counter() - start})
 
     def checkpoint(self, job: str, argv: list[str]):
         argv = list(argv) if RESUME in argv else list(argv) + [RESUME]
@@ -66,7 +81,7 @@ def _prepare_data(cfg: Config, config_path: str, overrides: list[str]) -> None:
 def _run_inline(stages: list[Stage]) -> None:
     task = StageTask()
     for i, s in enumerate(stages, 1):
-        if is_done(s.argv):
+        if is_done(s):
             print(f"[{i}/{len(stages)}] {s.name}: done, skipped", flush=True)
             continue
         print(f"[{i}/{len(stages)}] {s.name}: jobs.{s.job}", flush=True)
@@ -83,7 +98,7 @@ def _run_slurm(cfg: Config, stages: list[Stage], study_dir: Path) -> None:
     from dipddpm.launch.submit import slurm_executor
 
     for wave in sorted({s.wave for s in stages}):
-        todo = [s for s in stages if s.wave == wave and not is_done(s.argv)]
+        todo = [s for s in stages if s.wave == wave and not is_done(s)]
         if not todo:
             continue
         plan = Plan(name=f"{study_dir.name}-wave{wave}", job="study",
@@ -113,7 +128,7 @@ def run_study(cfg: Config, config_path: str, overrides: list[str], *,
           f"{describe(stages, argv=dry_run)}", flush=True)
     if dry_run:
         return study_dir / "REPORT.md"
-    prepare_run_dir(cfg)
+    prepare_run_dir(cfg, reads=())  # each stage checks its own run dir
     start = time.perf_counter()
     _prepare_data(cfg, config_path, overrides)
     if cfg.study.executor == "slurm":

@@ -5,7 +5,12 @@
 
 The model and diffusion settings come from the training run's config.yaml when the weights
 sit in a run dir (run/ema.pt or run/checkpoints/img-*/ema.pt), so they always match the
-weights; otherwise from the caller's config. `generate` writes
+weights; otherwise from the caller's config. A model.name or diffusion.* key set on the command
+line that disagrees with the weights' run is refused (one line, exit 2). `generate` writes
+    run.dir/config.yaml         the resolved config, with the weights' model and diffusion
+                                (checked like every run dir's: dipddpm.runs.prepare_run_dir);
+                                not when run.dir is the weights' own training run, whose
+                                config.yaml stays as training wrote it
     run.dir/samples/<tag>.npz   images uint8 [N,28,28] (and float32 "x" in [-1,1]), nfe
     run.dir/samples/<tag>.png   grid of the first 64
     run.dir/samples/<tag>.json  settings, nfe per batch, seconds, weights used
@@ -14,6 +19,7 @@ With sample.t0 < T the chains start from the first sample.num test images diffus
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 from pathlib import Path
@@ -25,18 +31,27 @@ import yaml
 from dipddpm.config import Config, ConfigError, config_from_dict
 from dipddpm.diffusion import Diffusion, sample
 from dipddpm.models.unet import build_unet
-from dipddpm.runs import CONFIG_FILE, SAMPLES_DIR, atomic_write_bytes, atomic_write_json
+from dipddpm.runs import CONFIG_FILE, SAMPLES_DIR, atomic_write_bytes, atomic_write_json, \
+    prepare_run_dir
 from dipddpm.train.checkpoint import find_weights, load_ema_weights
 from dipddpm.train.grid import save_grid
 
 
-def training_config(weights: Path):
-    """The resolved config of the run the weights belong to, or None."""
+def training_config_path(weights: Path):
+    """The config.yaml of the run the weights belong to, or None."""
     for folder in list(weights.parents)[:3]:
         path = folder / CONFIG_FILE
         if path.is_file():
-            return config_from_dict(yaml.safe_load(path.read_text()), str(path))
+            return path
     return None
+
+
+def training_config(weights: Path):
+    """The resolved config of the run the weights belong to, or None."""
+    path = training_config_path(weights)
+    if path is None:
+        return None
+    return config_from_dict(yaml.safe_load(path.read_text()), str(path))
 
 
 def load_trained(where, cfg: Config, device=None):
@@ -56,7 +71,40 @@ def load_trained(where, cfg: Config, device=None):
     return model, Diffusion.from_config(trained.diffusion), info
 
 
-def generate(cfg: Config) -> dict:
+# the keys the weights fix: the sampling job takes them from the weights' run
+WEIGHT_KEYS = ("model", "diffusion")
+
+
+def sampling_config(cfg: Config, explicit=()) -> tuple[Config, Path, bool]:
+    """(cfg with the weights' model and diffusion, the weights file, whether run.dir is the
+    weights' own run). `explicit`: keys the user set on the command line; one of the weight
+    keys that disagrees with the weights' run is a ConfigError."""
+    weights = find_weights(cfg.sample.checkpoint or cfg.run.dir)
+    path = training_config_path(weights)
+    if path is None:
+        return cfg, weights, False
+    trained = training_config(weights)
+    for key in explicit:
+        section, _, name = key.partition(".")
+        if section not in WEIGHT_KEYS or not hasattr(getattr(cfg, section), name):
+            continue
+        mine = getattr(getattr(cfg, section), name)
+        theirs = getattr(getattr(trained, section), name)
+        if mine != theirs:
+            raise ConfigError(f"command line: {key} = {mine!r}: the weights {weights} were "
+                              f"trained with {key} = {theirs!r} ({path}); drop the override, "
+                              "sampling takes it from the weights' run")
+    resolved = dataclasses.replace(cfg, model=trained.model, diffusion=trained.diffusion)
+    own = path.parent.resolve() == Path(cfg.run.dir).resolve()
+    return resolved, weights, own
+
+
+def generate(cfg: Config, explicit=()) -> dict:
+    """Draw cfg.sample.num samples; `explicit`: the keys set on the command line (see
+    `sampling_config`)."""
+    cfg, _, own_run = sampling_config(cfg, explicit)
+    if not own_run:
+        prepare_run_dir(cfg, reads=WEIGHT_KEYS)
     s = cfg.sample
     run_dir = Path(cfg.run.dir)
     model, diffusion, info = load_trained(s.checkpoint or run_dir, cfg)

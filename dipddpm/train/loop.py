@@ -146,11 +146,20 @@ def _last_logged_loss(run_dir):
     return rows[-1]["loss"] if rows else None
 
 
+def reads(cfg: Config) -> tuple[str, ...]:
+    """The config keys a training run's results depend on (the run dir's resume check): the
+    data order's (dir, workers, shuffle buffer), the model's, the diffusion's, the training's,
+    and in the study's variant the DIP's. Neutral keys among them may change on resume."""
+    keys = ("run", "data.dir", "data.num_workers", "data.shuffle_buffer", "model", "diffusion",
+            "train")
+    return keys + (("dip",) if cfg.train.noise == "dip" else ())
+
+
 def train(cfg: Config) -> dict:
     acc = make_accelerator(cfg.train.mixed_precision, compile=cfg.train.compile)
     t = cfg.train
     rank, world, device = acc.process_index, acc.num_processes, acc.device
-    run_dir = prepare_run_dir(cfg, acc.is_main_process)
+    run_dir = prepare_run_dir(cfg, acc.is_main_process, reads=reads(cfg))
     acc.wait_for_everyone()
 
     # The same initial weights on every rank (DDP would broadcast rank 0's anyway, but the EMA
