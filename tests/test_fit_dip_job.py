@@ -6,7 +6,8 @@ import pytest
 
 from tests.conftest import make_shards, run_module
 
-KEYS = {"iters", "psnr_mean", "psnr_std", "noisy_psnr", "oracle_psnr", "es_wmv_psnr",
+KEYS = {"iters", "psnr_mean", "psnr_std", "noisy_psnr", "oracle_psnr", "oracle_raw_psnr",
+        "es_wmv_psnr", "es_wmv_ema_psnr", "es_wmv_iters", "es_wmv_cost_iters", "es_wmv_decided",
         "budget_psnr"}
 TINY = ["dip.channels_down=8", "dip.channels_up=8", "dip.channels_skip=2", "dip.num_images=3",
         "dip.iters=6", "dip.record_every=2", "dip.batch_size=2", "dip.es_window=2",
@@ -30,6 +31,10 @@ def _check_run(run_dir, n, iters, every, sigmas=("25", "50")):
         assert all(np.isfinite(entry["psnr_mean"])) and min(entry["psnr_std"]) >= 0
         assert entry["oracle_psnr"] >= max(entry["psnr_mean"]) - 1e-9
         assert entry["budget_psnr"] == pytest.approx(entry["psnr_mean"][-1])
+        # ES-WMV (window 2, patience 2) decides after the budget here: the nets ran on for it
+        assert 0 <= entry["es_wmv_decided"] <= n
+        assert entry["es_wmv_cost_iters"] >= entry["es_wmv_iters"]
+        assert iters <= entry["es_wmv_cost_iters"] <= iters + 2
     # more noise -> a worse observation
     s = results["sigma"]
     if "25" in s and "50" in s:
