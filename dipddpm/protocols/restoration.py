@@ -184,9 +184,11 @@ START_PICK = {"budget": ("budget", "ema"), "es_wmv": ("es_wmv", "raw"),
               "oracle": ("oracle", "best")}
 
 
-def fit_dip(cfg: Config, clean, keys, y, mask, device, es_decide: bool = True) -> DipEstimate:
+def fit_dip(cfg: Config, clean, keys, y, mask, device, es_decide: bool = False) -> DipEstimate:
     """Fit one DIP per image to the observation (dip.batch_size nets at once) to the budget,
-    and with es_decide on until ES-WMV has decided; every pick is read off the same fit."""
+    and with es_decide on until ES-WMV has decided (at most dip.es_patience more iterations;
+    without it, ES-WMV's picks are those it had at the budget, not all decided); every pick is
+    read off the same fit. The restoration protocol fits with es_decide."""
     dip = cfg.dip
     spec = SkipSpec.from_config(dip)
     settings = FitSettings.from_config(dip, stop="budget", es_decide=es_decide)
@@ -493,7 +495,7 @@ def run_task(cfg: Config, model, diffusion: Diffusion, clean_np, keys, task, sig
     if dip is None:
         if why:
             log(f"{task_name(task, sigma)}: not using protocol.priors_dir ({why})")
-        dip = fit_dip(cfg, clean_np, keys, y_np, mask_np, device)
+        dip = fit_dip(cfg, clean_np, keys, y_np, mask_np, device, es_decide=True)
     log(f"{task_name(task, sigma)}: DIP estimates {dip.source}, "
         f"{dip.seconds_per_iteration * 1e3:.2f} ms per image-iteration")
     g_unet, g_dip = unet_forward_gflop(model), dip_iteration_gflop(SkipSpec.from_config(cfg.dip))
