@@ -9,6 +9,14 @@ iteration's, a restore of the net's last snapshot (parameters and Adam state) in
 Snapshots are taken at accepted iterations every `snapshot_every` iterations: a snapshot
 copies parameters and both Adam moments, which on a CPU costs more than the Adam step itself.
 
+Stopping. stop='budget' runs every net to `iters` and reports the output EMA there; ES-WMV
+(`stopping.py`) is recorded on the way, and with `es_decide` a net runs on past `iters` until
+ES-WMV has decided (at most `iters + es_patience`), so its pick and cost are the published
+rule's. stop='es_wmv' stops each net at ES-WMV's decision and reports the raw output at its
+pick. Per net the fit keeps the images a comparison needs: the budget estimate, the raw output
+and the EMA at ES-WMV's pick, and, with a clean image, the raw output and the EMA at their best
+iteration within the budget (the oracle, a bound).
+
 `fit_single` is the plain reference: an nn.Module and torch.optim.Adam. `fit_batch` stacks the
 B nets' parameters and runs them as grouped convolutions (each net's channels a group, see
 `dipddpm.models.dip.grouped_forward`) with one fused Adam over per-net views, so each net's
