@@ -673,8 +673,11 @@ def answer_sentence(name: str, task: dict, n: int, observation: str) -> str:
             f"equal or lower compute ({best['delta_vs']}): {sign} the baselines' front. ")
     be = best["break_even_iters"]
     if be is None:
-        text += ("No baseline reaches its PSNR at any measured compute, so a DIP start pays "
-                 "off at any DIP budget within the measured range.")
+        text += ("No baseline's mean reaches the mean PSNR of "
+                 f"{'it' if best['break_even_row'] == best['row'] else best['break_even_label']}"
+                 " at any measured compute, so the measured front sets no break-even DIP budget"
+                 + (" (though the difference is within its interval)." if lo <= 0 <= hi
+                    else "."))
     elif be <= 0:
         text += ("Even with a free DIP fit no DIP start would beat the baselines at its cost: "
                  "the break-even DIP budget is 0 iterations.")
