@@ -423,7 +423,8 @@ def test_restore_job_rejects_bad_input_before_writing(tiny_world, tmp_path):
         main(restore_args(tiny_world, run_dir, f"protocol.checkpoint={tmp_path / 'none'}"))
     with pytest.raises(UserError, match="protocol.sigma_t0s"):  # every level beyond the model's
         main(restore_args(tiny_world, run_dir, "protocol.sigma_t0s=[1e6]"))
-    with pytest.raises(UserError, match="inpaint_box has no start rule"):  # e from y: denoising only
+    # e from y exists for denoising only: inpainting needs an explicit or an oracle rule
+    with pytest.raises(UserError, match="inpaint_box has no start rule"):
         main(restore_args(tiny_world, run_dir, "protocol.tasks=[inpaint_box]", "protocol.t0s=[]",
                           "protocol.sigma_t0s=[]", "protocol.oracle_e=false"))
     assert not run_dir.exists()  # nothing was written, not even config.yaml

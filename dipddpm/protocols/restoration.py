@@ -193,8 +193,8 @@ def fit_dip(cfg: Config, clean, keys, y, mask, device, es_decide: bool = False) 
     spec = SkipSpec.from_config(dip)
     settings = FitSettings.from_config(dip, stop="budget", es_decide=es_decide)
     parts: dict = {k: [] for k in ("budget", "es_raw", "es_ema", "best_raw", "best_ema",
-                                   "es_cost", "es_iter", "decided", "raw_iter", "ema_iter", "raw_psnr",
-                                   "ema_psnr", "run")}
+                                   "es_cost", "es_iter", "decided", "raw_iter", "ema_iter",
+                                   "raw_psnr", "ema_psnr", "run")}
     start = time.perf_counter()
     for _, r in fit_by_key(y, mask, clean, keys, spec, settings, run_seed=cfg.run.seed,
                            batch_size=dip.batch_size, device=device):

@@ -20,7 +20,7 @@ from dipddpm.config import Config
 from dipddpm.protocols.restoration import (TABLE_COLUMNS, answer_sentences, table_cells,
                                            task_intro)
 from dipddpm.report.discover import Runs, discover
-from dipddpm.report.tables import (DASH, VARIANTS, Table, best_fit, fmt, fmt_loss, main_T,
+from dipddpm.report.tables import (VARIANTS, Table, best_fit, fmt, fmt_loss, main_T,
                                    rel, study_tables)
 from dipddpm.runs import METRICS_FILE, SAMPLES_DIR, atomic_path, atomic_write_text, read_jsonl
 
@@ -40,7 +40,8 @@ def restoration_tables(runs: Runs) -> list[Table]:
     for run in runs["restoration"]:
         res = run.results
         if not _current(res):
-            out.append(Table(f"restoration/{run.name}", f"Restoration (`{rel(run.path, runs.root)}`)",
+            out.append(Table(f"restoration/{run.name}",
+                             f"Restoration (`{rel(run.path, runs.root)}`)",
                              not_run="made by an older version (no FLOPs, intervals or deltas): "
                                      "rerun python -m jobs.restore"))
             continue
