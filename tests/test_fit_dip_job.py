@@ -66,7 +66,8 @@ def test_fit_dip_on_real_images(real_shards, tmp_path):
     run_dir = tmp_path / "real"
     r = run_module("jobs.fit_dip", "--config", "configs/dip_denoise.yaml", f"run.dir={run_dir}",
                    f"data.dir={real_shards}", "wandb.mode=disabled", "dip.sigmas=[25]",
-                   "dip.num_images=2", "dip.iters=4", "dip.record_every=2", "dip.batch_size=2")
+                   "dip.num_images=2", "dip.iters=4", "dip.record_every=2", "dip.batch_size=2",
+                   "dip.es_window=2", "dip.es_patience=2")  # ES-WMV runs on at most 2 more
     assert r.returncode == 0, r.stderr[-2000:]
     results = _check_run(run_dir, 2, 4, 2, sigmas=("25",))
     # the first real test images at sigma 25: clipping makes the noisy input ~21.9 dB

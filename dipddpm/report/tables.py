@@ -37,7 +37,9 @@ _IGNORED = ("run.dir", "run.resume", "wandb.", "launch.", "data.", "sample.", "p
             "protocol.", "classifier.", "study.", "train.log_every_images",
             "train.checkpoint_every_images", "train.keep_checkpoints",
             "train.sample_every_images", "train.num_samples", "train.sample_steps",
-            "train.rank_debug", "train.compile")
+            "train.rank_debug", "train.compile",
+            # ES-WMV settings only stop DIP fits, never the variant's 3-iteration DIP noise
+            "dip.es_window", "dip.es_patience")
 DIP_ROWS_AFTER_STUDY = 12  # a 3000-iteration fit records 60 points: thin those past 400
 
 
