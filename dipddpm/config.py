@@ -224,7 +224,8 @@ class DIPConfig:
     snapshot_every: int = 10  # iterations between backtracking snapshots (params + Adam state)
     stop: Literal["budget", "es_wmv"] = "budget"
     es_window: int = 100  # ES-WMV: variance over this many outputs
-    es_patience: int = 200  # stop after this many iterations without a new variance minimum
+    es_patience: int = 1000  # stop after this many iterations without a new variance minimum
+    # (the paper's 1000); the decision is final (see dipddpm/dip/stopping.py)
     # degradation of the observation
     task: Literal["denoise", "inpaint_box", "inpaint_random"] = "denoise"
     sigma: float = 25.0  # Gaussian noise std on the 0-255 scale
@@ -353,6 +354,9 @@ class ClassifierConfig:
                 fail(key, getattr(self, key), "FID and KID need at least 2 images")
 
 
+START_ESTIMATES = ("budget", "es_wmv", "oracle")  # the DIP estimates a restoration chain can start from
+
+
 @dataclass
 class ProtocolConfig:
     # The restoration and generation protocols (dipddpm/protocols): what to sweep and on what.
@@ -361,7 +365,21 @@ class ProtocolConfig:
     split: Literal["train", "test"] = "test"
     tasks: list[str] = field(default_factory=lambda: ["denoise", "inpaint_box"])
     sigmas: list[float] = field(default_factory=lambda: [25.0, 50.0])  # denoising, 0-255 scale
-    t0s: list[int] = field(default_factory=lambda: [50, 100, 200])  # DIP/cheap start, 1-indexed
+    # the observation's noise: "gaussian" (x + n, what the direct start assumes) or "clipped"
+    # (clip(x + n, 0, 1), the DIP author's); every arm sees the same y (dipddpm/dip/degrade.py)
+    observation: Literal["gaussian", "clipped"] = "gaussian"
+    # Starts by noise level sigma_t0 ([-1, 1] units; docs/protocols.md): CCDF's rule
+    # sigma_t0 = c x e for each c (e: the estimate's RMS error, estimated from y without the
+    # clean image for denoising; with oracle_e also the true e, rows flagged oracle) ...
+    start_c: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    oracle_e: bool = True
+    # ... and explicit noise levels, the same for every estimate (inpainting's only non-oracle
+    # rule: its e cannot be estimated from y)
+    sigma_t0s: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4, 0.8])
+    t0s: list[int] = field(default_factory=list)  # also starts at these 1-indexed steps (old runs)
+    # which DIP estimates start chains: budget (dip.iters), es_wmv (ES-WMV's pick), oracle
+    # (each image's best iteration: needs the clean image, a bound)
+    start_estimates: list[str] = field(default_factory=lambda: ["budget", "es_wmv", "oracle"])
     steps: list[int] = field(default_factory=lambda: [5, 10, 20, 50])  # K reverse steps (NFE <= t0)
     samplers: list[str] = field(default_factory=lambda: ["ddpm", "ddim"])  # ddpm = eta 1, ddim = eta 0
     blur_sigma: float = 0.5  # cheap denoiser: Gaussian blur of y (px); 0.5 beat 0.6-1.0 at sigma 25
@@ -389,6 +407,12 @@ class ProtocolConfig:
         for key in ("t0s", "steps", "gen_ddim_steps", "gen_t0s"):
             if any(v < 1 for v in getattr(self, key)):
                 fail(key, getattr(self, key), "must all be >= 1")
+        for key in ("start_c", "sigma_t0s"):
+            if any(v <= 0 for v in getattr(self, key)):
+                fail(key, getattr(self, key), "must all be > 0")
+        if any(e not in START_ESTIMATES for e in self.start_estimates):
+            fail("start_estimates", self.start_estimates,
+                 f"each must be one of {', '.join(START_ESTIMATES)}")
         if not self.samplers or any(s not in ("ddpm", "ddim") for s in self.samplers):
             fail("samplers", self.samplers, "each must be ddpm or ddim")
         if not 0 < self.blur_sigma <= 9:  # reflection padding of radius 3 sigma needs < 28 px

@@ -78,3 +78,32 @@ def test_a_net_is_the_same_in_any_batch():
     assert torch.allclose(all3.estimate[2], last.estimate[0], atol=1e-5)
     with pytest.raises(ValueError, match="seeds"):
         fit_batch(y, None, clean, SEEDS[:2], SPEC, s)
+
+
+def test_a_budget_fit_runs_on_until_es_wmv_decides_and_keeps_the_budget_estimate():
+    y, clean = _data()
+    # budget 6 < pick + patience: the nets run on (at most 6 + 4) until ES-WMV decides
+    s = FitSettings(iters=6, lr=0.05, es_window=2, es_patience=4, es_decide=True)
+    batch = fit_batch(y, None, clean, SEEDS, SPEC, s, dtype=torch.float64)
+    singles = [fit_single(y[b:b + 1], None, clean[b:b + 1], SEEDS[b], SPEC, s,
+                          dtype=torch.float64) for b in range(3)]
+    _assert_same(batch, singles)
+    assert batch.psnr_est.shape[0] == s.max_iters == 10
+    for b in range(3):
+        run, pick, decided = (int(v[b]) for v in (batch.iters_run, batch.es_iter, batch.es_stop))
+        assert run >= s.iters and int(batch.stop_iter[b]) == s.iters
+        if decided:  # decided at pick + patience and stopped there (or at the budget)
+            assert decided == pick + s.es_patience and run == max(s.iters, decided)
+        else:
+            assert run == s.max_iters
+        # the reported estimate is the EMA at the budget, the ES outputs are those at the pick
+        est = -10 * torch.log10(((batch.estimate[b] - clean[b]) ** 2).mean())
+        assert math.isclose(float(est), float(batch.psnr_est[s.iters - 1, b]), abs_tol=1e-9)
+        es = -10 * torch.log10(((batch.es_raw[b] - clean[b]) ** 2).mean())
+        assert math.isclose(float(es), float(batch.es_psnr[b]), abs_tol=1e-9)
+        # the oracle picks look inside the budget only
+        best = int(batch.best_raw_iter[b])
+        assert 1 <= best <= s.iters
+        assert math.isclose(float(batch.psnr_raw[best - 1, b]),
+                            float(batch.psnr_raw[:s.iters, b].max()), abs_tol=1e-12)
+    assert (batch.iters_run > s.iters).any(), "the test must exercise a net running on"

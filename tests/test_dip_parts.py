@@ -87,3 +87,32 @@ def test_es_wmv_stops_after_the_variance_minimum():
     assert stops[0] == best[0] + patience and stops[1] == best[1] + patience
     es.select(torch.tensor([1]))
     assert es.best_iter.tolist() == [best[1]] and es.buffer.shape[1] == 1
+
+
+def _alternating(steps):
+    """Outputs whose window-2 variance at iteration t is exactly steps[t-1]^2 / 4: each output
+    moves by +-steps[t-1] from the one before."""
+    out, x = [], 0.0
+    for t, d in enumerate(steps):
+        x += d if t % 2 == 0 else -d
+        out.append(torch.full((1, 4), x, dtype=torch.float64))
+    return out
+
+
+def test_es_wmv_is_frozen_at_its_first_stop():
+    # a constructed variance curve: a minimum at 10, a rise, then a LOWER minimum at 40
+    v = [1.0 - 0.08 * t for t in range(1, 11)] + [0.2 + 0.02 * t for t in range(1, 21)] \
+        + [0.6 - 0.05 * t for t in range(1, 11)] + [0.2] * 20
+    assert min(range(1, len(v) + 1), key=lambda t: v[t - 1]) == 40  # the global minimum
+    es = EsWmv(1, window=2, patience=5)
+    stopped_at, picks_after = None, []
+    for t, out in enumerate(_alternating(v), start=1):
+        new_min, stop = es.update(out, t)
+        if stop[0] and stopped_at is None:
+            stopped_at = t
+        elif stopped_at is not None:
+            picks_after.append(bool(new_min[0]))
+            assert bool(stop[0])  # stopped stays stopped
+    # first stop 5 iterations after the first minimum; the later, lower minimum changes nothing
+    assert int(es.best_iter[0]) == 10 and stopped_at == 15 and int(es.stop_iter[0]) == 15
+    assert not any(picks_after)

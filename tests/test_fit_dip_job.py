@@ -8,7 +8,8 @@ import pytest
 from dipddpm.config import ConfigError
 from tests.conftest import make_shards, run_module
 
-KEYS = {"iters", "psnr_mean", "psnr_std", "noisy_psnr", "oracle_psnr", "es_wmv_psnr",
+KEYS = {"iters", "psnr_mean", "psnr_std", "noisy_psnr", "oracle_psnr", "oracle_raw_psnr",
+        "es_wmv_psnr", "es_wmv_ema_psnr", "es_wmv_iters", "es_wmv_cost_iters", "es_wmv_decided",
         "budget_psnr"}
 TINY = ["dip.channels_down=8", "dip.channels_up=8", "dip.channels_skip=2", "dip.num_images=3",
         "dip.iters=6", "dip.record_every=2", "dip.batch_size=2", "dip.es_window=2",
@@ -32,6 +33,10 @@ def _check_run(run_dir, n, iters, every, sigmas=("25", "50")):
         assert all(np.isfinite(entry["psnr_mean"])) and min(entry["psnr_std"]) >= 0
         assert entry["oracle_psnr"] >= max(entry["psnr_mean"]) - 1e-9
         assert entry["budget_psnr"] == pytest.approx(entry["psnr_mean"][-1])
+        # ES-WMV (window 2, patience 2) decides after the budget here: the nets ran on for it
+        assert 0 <= entry["es_wmv_decided"] <= n
+        assert entry["es_wmv_cost_iters"] >= entry["es_wmv_iters"]
+        assert iters <= entry["es_wmv_cost_iters"] <= iters + 2
     # more noise -> a worse observation
     s = results["sigma"]
     if "25" in s and "50" in s:
@@ -63,7 +68,8 @@ def test_fit_dip_on_real_images(real_shards, tmp_path):
     run_dir = tmp_path / "real"
     r = run_module("jobs.fit_dip", "--config", "configs/dip_denoise.yaml", f"run.dir={run_dir}",
                    f"data.dir={real_shards}", "wandb.mode=disabled", "dip.sigmas=[25]",
-                   "dip.num_images=2", "dip.iters=4", "dip.record_every=2", "dip.batch_size=2")
+                   "dip.num_images=2", "dip.iters=4", "dip.record_every=2", "dip.batch_size=2",
+                   "dip.es_window=2", "dip.es_patience=2")  # ES-WMV runs on at most 2 more
     assert r.returncode == 0, r.stderr[-2000:]
     results = _check_run(run_dir, 2, 4, 2, sigmas=("25",))
     # the first real test images at sigma 25: clipping makes the noisy input ~21.9 dB

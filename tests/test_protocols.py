@@ -1,5 +1,6 @@
-"""The restoration and generation protocols: start-state math, NFE and compute accounting, the
-inpainting consistency, and both jobs end to end on tiny data with a tiny random U-Net."""
+"""The restoration and generation protocols: start-state math, the t0 rule by noise level, the
+posterior mean, NFE and FLOP accounting, the statistics, the inpainting consistency, and both
+jobs end to end on tiny data with a tiny random U-Net."""
 import json
 import math
 
@@ -10,12 +11,14 @@ from torch import nn
 
 from dipddpm.config import ConfigError, UserError, load_config
 from dipddpm.data import load_split
-from dipddpm.diffusion import Diffusion, linear_betas
+from dipddpm.diffusion import Diffusion, cosine_betas, linear_betas, noise_levels
 from dipddpm.dip.degrade import degrade
-from dipddpm.protocols.arms import (CountingModel, cheap_estimate, direct_start, run_chain,
-                                    to_diffusion)
-from dipddpm.protocols.restoration import effective_steps
-from tests.conftest import make_tiny_world
+from dipddpm.evaluate.flops import count_flops, forward_flops, train_step_flops
+from dipddpm.evaluate.stats import bootstrap_ci, paired_delta, pareto_front
+from dipddpm.protocols.arms import (CountingModel, cheap_estimate, direct_start, oracle_error,
+                                    residual_error, run_chain, start_at, to_diffusion, to_unit)
+from dipddpm.protocols.restoration import add_deltas, chain_plan, effective_steps
+from tests.conftest import make_tiny_world, run_module
 
 TINY_DIP = ["dip.channels_down=8", "dip.channels_up=8", "dip.channels_skip=2", "dip.iters=5",
             "dip.batch_size=4", "dip.es_window=2", "dip.es_patience=2"]
@@ -54,7 +57,7 @@ def test_direct_start_has_the_forward_processes_noise_level():
     keys = [f"test-{i:06d}" for i in range(64)]
     y, _ = degrade(clean, keys, "denoise", run_seed=0, sigma=25.0)
     x_start, t0 = direct_start(torch.from_numpy(y), d, 25.0)
-    # sigma 25 on [0,1] is 50/255 on [-1,1]: t* index 56 (ANCHORS), paper step 57
+    # sigma 25 on [0,1] is 50/255 = 0.196 on [-1,1]: t* index 56, paper step 57
     assert t0 == 57
     resid = x_start - d.sqrt_abar[t0 - 1].float() * to_diffusion(torch.from_numpy(clean))
     assert float(resid.mean()) == pytest.approx(0.0, abs=2e-3)
@@ -125,6 +128,9 @@ def test_nfe_is_the_models_call_count(masked):
             r = run_chain(outer, d, sampler=sampler, steps=k, t0=t0, u_hat=u, **kw)
             assert r.nfe == outer.calls == want, (sampler, t0, k)
     assert effective_steps([5, 10, 20, 50], 12) == [5, 10, 12]
+    # K = 1 is one step to x_0 whatever the sampler: it runs once
+    assert chain_plan(["ddpm", "ddim"], [1, 5, 50], 12) == [("ddim", 1), ("ddpm", 5), ("ddim", 5),
+                                                             ("ddpm", 12), ("ddim", 12)]
 
 
 def test_cheap_estimate_blurs_noise_and_fills_the_hole():
@@ -139,6 +145,136 @@ def test_cheap_estimate_blurs_noise_and_fills_the_hole():
     assert float((filled - clean).abs().max()) < 1e-3  # a constant image is filled with itself
 
 
+# ----------------------------------------------------------------------------- t0, e, Tweedie
+
+
+@pytest.mark.parametrize("betas", [linear_betas, cosine_betas])
+def test_the_same_start_is_the_same_noise_level_at_any_T(betas):
+    c, e = 1.5, 0.12  # CCDF: sigma_t0 = c x e, e in [-1, 1] units
+    got = {}
+    for T in (250, 500, 1000):
+        d = Diffusion(betas(T))
+        t0, sigma = start_at(d, c * e)
+        s = noise_levels(d)
+        assert float(s[t0 - 1]) == sigma  # the realised level is the step's own
+        # the nearest level of the schedule: no other step is closer to the request
+        assert abs(sigma - c * e) == pytest.approx(float((s - c * e).abs().min()))
+        assert sigma == pytest.approx(c * e, rel=0.03)
+        got[T] = t0
+    assert got[250] < got[500] < got[1000]  # the index moves with T, the level does not
+
+
+class GaussianEps(nn.Module):
+    """The exact eps-model (the MMSE predictor E[eps | x_t]) for data x0 ~ N(mu, tau^2) per
+    pixel: x_t = a x0 + b eps, so E[eps | x_t] = b (x_t - a mu) / (a^2 tau^2 + b^2)."""
+
+    def __init__(self, diffusion, mu, tau):
+        super().__init__()
+        self.d, self.mu, self.tau = diffusion, mu, tau
+
+    def forward(self, x, t):
+        a = self.d.sqrt_abar[t].view(-1, 1, 1, 1).to(x)
+        b = self.d.sqrt_one_minus_abar[t].view(-1, 1, 1, 1).to(x)
+        return b * (x - a * self.mu) / (a ** 2 * self.tau ** 2 + b ** 2)
+
+
+def test_one_step_from_the_direct_start_is_the_mmse_denoiser():
+    # Gaussian data and the exact eps-model: the posterior mean E[x0 | y] is known in closed
+    # form, mu + tau^2 / (tau^2 + s^2) (y - mu); the K = 1 direct arm must return it
+    d = Diffusion(linear_betas(1000), prediction="eps")
+    mu, tau = 0.1, 0.2  # [-1, 1] units: far from the clip at +-1
+    t_star = 57
+    s = float(noise_levels(d)[t_star - 1])  # the observation's noise matches step t* exactly
+    g = torch.Generator().manual_seed(0)
+    x0 = mu + tau * torch.randn(256, 1, 28, 28, generator=g, dtype=torch.float64)
+    y = x0 + s * torch.randn(x0.shape, generator=g, dtype=torch.float64)  # [-1, 1] units
+    x_start = y * d.sqrt_abar[t_star - 1]
+    r = run_chain(GaussianEps(d, mu, tau), d, sampler="ddpm", steps=1, t0=t_star, x_start=x_start)
+    mmse = mu + tau ** 2 / (tau ** 2 + s ** 2) * (y - mu)
+    assert r.nfe == 1
+    assert torch.allclose(r.u.double(), to_unit(mmse), atol=1e-6)
+    # and its error is the Bayes error tau^2 s^2 / (tau^2 + s^2), well below the noise's s^2
+    mse = float(((2 * r.u.double() - 1) - x0).pow(2).mean())
+    assert mse == pytest.approx(tau ** 2 * s ** 2 / (tau ** 2 + s ** 2), rel=0.02)
+    assert mse < 0.6 * s ** 2
+
+
+def test_the_error_estimated_from_y_and_its_low_bias():
+    g = torch.Generator().manual_seed(1)
+    clean = torch.rand(64, 1, 28, 28, generator=g, dtype=torch.float64)
+    noise = (25 / 255) * torch.randn(clean.shape, generator=g, dtype=torch.float64)
+    y = clean + noise  # the gaussian observation model
+    # an estimate whose error is independent of the noise: e_hat is right (2x on [-1, 1])
+    u = clean + 0.03 * torch.randn(clean.shape, generator=g, dtype=torch.float64)
+    assert residual_error(u, y, 25) == pytest.approx(0.06, rel=0.05)
+    assert oracle_error(u, clean) == pytest.approx(0.06, rel=0.05)
+    # an estimate that kept some of the noise (as a DIP fitted to y does): e_hat is biased low
+    u = clean + 0.5 * noise
+    assert residual_error(u, y, 25) < 0.7 * oracle_error(u, clean)
+    # the oracle error of an inpainting estimate over the hole alone
+    hole = torch.zeros_like(clean)
+    hole[..., 9:19, 9:19] = 1
+    u = clean + 0.2 * hole
+    assert oracle_error(u, clean, hole) == pytest.approx(0.4)
+    assert oracle_error(u, clean) < 0.2
+
+
+# ----------------------------------------------------------------------------- FLOPs, statistics
+
+
+def test_flop_counts_match_a_hand_count():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 1),
+                        nn.Flatten(), nn.Linear(36, 5))
+    x = torch.randn(1, 2, 6, 6)
+    conv1 = 2 * (4 * 6 * 6) * (2 * 3 * 3)  # 2 FLOPs per multiply-add, per output element
+    conv2 = 2 * (1 * 6 * 6) * 4
+    linear = 2 * 5 * 36
+    assert forward_flops(net, x) == conv1 + conv2 + linear
+    # backward: weight gradients everywhere (as many FLOPs as the forward) and input gradients
+    # for every layer but the first (x needs none, as the DIP's input z)
+    target = torch.zeros(1, 5)
+    assert train_step_flops(net, x, target) == 2 * (conv1 + conv2 + linear) + conv2 + linear
+    assert count_flops(lambda: net(torch.randn(3, 2, 6, 6))) == 3 * (conv1 + conv2 + linear)
+
+
+def test_pareto_front_and_paired_deltas_on_a_constructed_table():
+    costs = [0, 0, 1, 2, 2, 5, 8, 10]
+    values = [20, 18, 19, 22, 21, 22, 25, 24]
+    # 0/20 first; 1/19 and 0/18 are beaten by 0/20; 2/22 on; 2/21 and 5/22 are not better
+    # than 2/22; 8/25 on; 10/24 beaten by 8/25
+    assert pareto_front(costs, values) == [0, 3, 6]
+    assert pareto_front([3, 1, 2], [1.0, 1.0, 2.0]) == [1, 2]
+    # rows: deltas against the best baseline at equal or lower GFLOP, per image, paired
+    def row(arm, gflop, per_image, baseline=True):
+        return {"arm": arm, "gflop_per_image": gflop, "psnr": float(np.mean(per_image)),
+                "psnr_images": per_image, "baseline": baseline, "oracle": False,
+                "estimate": None, "start_rule": None, "t0": None, "steps": None,
+                "delta_psnr": None, "delta_ci95": None, "delta_vs": None}
+    rows = [row("observation", 0.0, [20.0, 21.0, 22.0]), row("direct", 5.0, [23.0, 24.0, 25.0]),
+            row("dip_start", 4.0, [21.0, 23.0, 22.0], baseline=False),
+            row("dip_start", 6.0, [24.0, 24.5, 26.0], baseline=False)]
+    assert add_deltas(rows, "psnr") == [0, 1]
+    assert rows[2]["delta_psnr"] == pytest.approx(1.0) and rows[2]["delta_vs"] == "observation"
+    assert rows[3]["delta_psnr"] == pytest.approx(5 / 6) and rows[3]["delta_vs"] == "direct"
+    assert rows[1]["delta_psnr"] == pytest.approx(3.0)  # a baseline against the others
+    lo, hi = rows[3]["delta_ci95"]
+    assert lo <= 5 / 6 <= hi
+
+
+def test_bootstrap_intervals():
+    rng = np.random.default_rng(0)
+    v = rng.normal(25.0, 1.0, 400)
+    lo, hi = bootstrap_ci(v)
+    assert lo < v.mean() < hi and hi - lo == pytest.approx(2 * 1.96 / 20, rel=0.15)
+    assert bootstrap_ci(v) == [lo, hi]  # a fixed seed: the same table every time
+    assert bootstrap_ci([3.0] * 5) == [3.0, 3.0]
+    # paired: a shared image-to-image spread cancels
+    a = rng.normal(0, 3.0, 200)
+    d, (dlo, dhi) = paired_delta(a + 0.5 + rng.normal(0, 0.1, 200), a)
+    assert d == pytest.approx(0.5, abs=0.05) and dlo > 0.4 and dhi < 0.6
+
+
 # ----------------------------------------------------------------------------- jobs end to end
 
 
@@ -150,55 +286,93 @@ def tiny_world(tmp_path_factory):
 def restore_args(world, run_dir, *extra):
     return ["--config", "configs/restore.yaml", f"run.dir={run_dir}", f"data.dir={world['data']}",
             f"protocol.checkpoint={world['ddpm']}", "protocol.num_images=4",
-            "protocol.t0s=[5,10,99]", "protocol.steps=[2,20]", "protocol.batch_size=3",
+            "protocol.start_c=[1]", "protocol.sigma_t0s=[0.3]", "protocol.t0s=[5,99]",
+            "protocol.steps=[2]", "protocol.samplers=[ddim]", "protocol.batch_size=3",
             *TINY_DIP, *extra]
 
 
-ROW_KEYS = {"arm", "sampler", "t0", "steps", "nfe", "dip_iters", "passes", "psnr", "psnr_std",
-            "ssim", "seconds_per_image", "reverse_seconds_per_image", "oracle"}
+ROW_KEYS = {"arm", "estimate", "output", "sampler", "steps", "nfe", "start_rule", "c", "e",
+            "sigma_t0_requested", "sigma_t0", "t0", "dip_iters", "gflop_per_image",
+            "seconds_per_image", "reverse_seconds_per_image", "psnr", "psnr_std", "psnr_ci95",
+            "psnr_hole", "psnr_hole_ci95", "ssim", "delta_psnr", "delta_ci95", "delta_vs",
+            "baseline", "oracle", "es_decided", "psnr_images", "psnr_hole_images"}
+DIP_ROWS = {("budget", "ema"), ("es_wmv", "raw"), ("es_wmv", "ema"), ("oracle", "raw"),
+            ("oracle", "ema"), ("oracle", "best")}
 
 
-def test_restore_job_writes_results_table_plots_and_wandb(tiny_world, tmp_path):
+def test_restore_job_writes_results_table_figures_and_wandb(tiny_world, tmp_path):
     from dipddpm.tracking import read_wandb_offline
     from jobs.restore import main
 
     run_dir = tmp_path / "restore"
-    main(restore_args(tiny_world, run_dir, "wandb.mode=offline"))
+    main(restore_args(tiny_world, run_dir, "wandb.mode=offline", "protocol.sigmas=[25]"))
     res = json.loads((run_dir / "results.json").read_text())
     assert res["protocol"] == "restoration" and res["num_images"] == 4 and res["T"] == 30
-    assert set(res["tasks"]) == {"denoise-s25", "denoise-s50", "inpaint_box"}
+    assert res["observation"] == "gaussian" and len(res["answer"]) == 2
+    g_unet, g_dip = res["gflop"]["unet_forward"], res["gflop"]["dip_iteration"]
+    assert g_unet == pytest.approx(0.1178, rel=0.01) and g_dip > 0
+    d = Diffusion(linear_betas(30))
+    levels = noise_levels(d)
+    assert set(res["tasks"]) == {"denoise-s25", "inpaint_box"}
     for name, t in res["tasks"].items():
-        assert t["skipped"] == ["t0=99 > T=30"]
+        inpaint = name == "inpaint_box"
+        assert t["primary"] == ("psnr_hole" if inpaint else "psnr")
+        assert sum("t0=99" in s for s in t["skipped"]) == 4  # 3 DIP estimates + the blur
         arms = {r["arm"] for r in t["rows"]}
-        want = {"observation", "cheap", "dip_budget", "dip_es_wmv", "dip_oracle", "dip_start",
-                "cheap_start"} | ({"direct"} if name.startswith("denoise") else set())
-        assert arms == want
+        assert arms == {"observation", "cheap", "dip", "dip_start", "cheap_start",
+                        "noise_start" if inpaint else "direct"}
+        assert {(r["estimate"], r["output"]) for r in t["rows"] if r["arm"] == "dip"} == DIP_ROWS
+        assert {r["estimate"] for r in t["rows"] if r["arm"] == "dip_start"} == \
+            {"budget", "es_wmv", "oracle"}
+        by = {(r["estimate"], r["output"]): r for r in t["rows"] if r["arm"] == "dip"}
+        assert by[("oracle", "best")]["psnr"] >= max(by[("oracle", "raw")]["psnr"],
+                                                     by[("oracle", "ema")]["psnr"]) - 0.2
+        # ES-WMV's cost is what it ran to decide: at least pick + patience where it decided
+        es = t["es_wmv"]
+        assert es["n"] == 4 and by[("es_wmv", "raw")]["dip_iters"] == es["cost_mean"] >= 5
         for r in t["rows"]:
             assert set(r) == ROW_KEYS
-            assert 0 < r["psnr"] <= 100 and r["passes"] == r["nfe"] + r["dip_iters"]
-            if r["arm"] in ("dip_start", "cheap_start", "direct"):
+            assert r["gflop_per_image"] == pytest.approx(r["nfe"] * g_unet
+                                                         + r["dip_iters"] * g_dip)
+            lo, hi = r["psnr_ci95"]
+            assert 0 < r["psnr"] <= 100 and lo <= r["psnr"] <= hi and len(r["psnr_images"]) == 4
+            assert (r["psnr_hole"] is not None) == inpaint
+            assert r["delta_psnr"] is not None and r["delta_vs"]
+            assert r["oracle"] == (r["estimate"] == "oracle" or r["start_rule"] == "c*e_oracle")
+            assert r["baseline"] == (r["arm"] in ("observation", "cheap", "direct",
+                                                  "cheap_start", "noise_start")
+                                     and not r["oracle"])
+            if r["sampler"] is not None:  # a chain
                 assert r["nfe"] == min(r["steps"], r["t0"])
+                assert r["sigma_t0"] == pytest.approx(float(levels[r["t0"] - 1]))
                 assert r["seconds_per_image"] >= r["reverse_seconds_per_image"] > 0
-            if r["arm"] == "dip_start":
+            if r["start_rule"] in ("c*e", "c*e_oracle"):
+                assert r["sigma_t0_requested"] == pytest.approx(r["c"] * r["e"])
+            if r["start_rule"] == "sigma":
+                assert r["sigma_t0_requested"] == 0.3
+            if r["arm"] == "dip_start" and r["estimate"] == "budget":
                 assert r["dip_iters"] == 5
-                assert r["seconds_per_image"] == pytest.approx(
-                    r["reverse_seconds_per_image"] + t["dip_seconds_per_image"])
             if r["arm"] == "cheap_start":
                 assert r["dip_iters"] == 0
-        assert [r["oracle"] for r in t["rows"] if r["arm"] == "dip_oracle"] == [True]
-        by = {r["arm"]: r for r in t["rows"] if r["sampler"] is None}
-        assert by["dip_oracle"]["psnr"] >= by["dip_budget"]["psnr"] - 1e-6
-        assert by["dip_oracle"]["psnr"] >= by["dip_es_wmv"]["psnr"] - 1e-6
-        # (dip_start, ddpm, t0 in {5, 10}, K in {2, t0}) and ddim alike: 8 chains per start
-        assert sum(r["arm"] == "dip_start" for r in t["rows"]) == 8
-    assert res["tasks"]["denoise-s25"]["t_star"] < res["tasks"]["denoise-s50"]["t_star"] <= 30
+        rules = {r["start_rule"] for r in t["rows"] if r["arm"] == "dip_start"}
+        # inpainting: no e from y, so CCDF's rule runs with the oracle e only
+        assert rules == ({"c*e_oracle", "sigma", "t0"} if inpaint
+                         else {"c*e", "c*e_oracle", "sigma", "t0"})
+        if inpaint:
+            assert {r["t0"] for r in t["rows"] if r["arm"] == "noise_start"} == {30}
+        else:
+            direct = [r for r in t["rows"] if r["arm"] == "direct"]
+            assert [r["steps"] for r in direct] == [1, 2] and direct[0]["t0"] == t["t_star"]
+        assert t["front"] and all(t["rows"][i]["baseline"] for i in t["front"])
+        assert set(t["answer"]["best"]) >= {"delta_psnr", "delta_ci95", "break_even_iters"}
     table = (run_dir / "table.md").read_text()
-    assert "## denoise-s25" in table and "dip_oracle (oracle)" in table
-    for png in ("psnr_vs_steps.png", "psnr_vs_time.png"):
+    assert "## The answer" in table and "**denoise-s25**" in table and "dip (oracle)" in table
+    for png in ("front_denoise-s25.png", "front_inpaint_box.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     w = read_wandb_offline(run_dir)
     logged = {k for row in w["history"] for k in row}
     assert "denoise-s25/dip_start_best_psnr" in logged and "restoration" in logged
+    assert "inpaint_box/noise_start_best_psnr_hole" in logged
 
 
 def test_restore_job_uses_precomputed_priors(tiny_world, tmp_path):
@@ -213,26 +387,58 @@ def test_restore_job_uses_precomputed_priors(tiny_world, tmp_path):
     run_dir = tmp_path / "restore"
     main(restore_args(tiny_world, run_dir, "wandb.mode=disabled", "protocol.tasks=[denoise]",
                       "protocol.sigmas=[25,50]", f"protocol.priors_dir={pdir}",
-                      "protocol.t0s=[5]", "protocol.samplers=[ddim]"))
+                      "protocol.t0s=[]", "protocol.oracle_e=false"))
     res = json.loads((run_dir / "results.json").read_text())
     s25, s50 = res["tasks"]["denoise-s25"], res["tasks"]["denoise-s50"]
     assert s25["dip_source"] == f"priors:{pdir}" and s50["dip_source"] == "fitted"
-    budget = next(r for r in s25["rows"] if r["arm"] == "dip_budget")
+    budget = next(r for r in s25["rows"] if r["arm"] == "dip")
+    assert (budget["estimate"], budget["output"]) == ("budget", "ema")
     p = load_priors(pdir)
     assert budget["psnr"] == pytest.approx(float(np.mean(p["psnr_clean"][:4])), abs=0.02)
-    assert not any(r["arm"] == "dip_es_wmv" for r in s25["rows"])  # not in the priors
+    # the priors hold the budget estimate only: no ES-WMV or oracle rows, and they say so
+    assert [r["estimate"] for r in s25["rows"] if r["arm"] == "dip"] == ["budget"]
+    assert {r["estimate"] for r in s25["rows"] if r["arm"] == "dip_start"} == {"budget"}
+    assert any("dip_start es_wmv" in s for s in s25["skipped"])
+    # priors made with another observation model are not used: the DIP is fitted here
+    main(restore_args(tiny_world, tmp_path / "clipped", "wandb.mode=disabled",
+                      "protocol.tasks=[denoise]", "protocol.sigmas=[25]",
+                      f"protocol.priors_dir={pdir}", "protocol.observation=clipped",
+                      "protocol.t0s=[]", "protocol.oracle_e=false"))
+    res = json.loads((tmp_path / "clipped" / "results.json").read_text())
+    assert res["tasks"]["denoise-s25"]["dip_source"] == "fitted"
 
 
-def test_restore_job_rejects_bad_input(tiny_world, tmp_path):
+def test_restore_job_rejects_bad_input_before_writing(tiny_world, tmp_path):
     from jobs.restore import main
 
+    run_dir = tmp_path / "r"
     with pytest.raises(UserError, match="priors_dir"):
-        main(restore_args(tiny_world, tmp_path / "r", "wandb.mode=disabled",
+        main(restore_args(tiny_world, run_dir, "wandb.mode=disabled",
                           f"protocol.priors_dir={tmp_path / 'nothing'}"))
     with pytest.raises(ConfigError, match="protocol.tasks"):
-        main(restore_args(tiny_world, tmp_path / "r", "protocol.tasks=[deblur]"))
+        main(restore_args(tiny_world, run_dir, "protocol.tasks=[deblur]"))
     with pytest.raises(ConfigError, match="num_images"):
-        main(restore_args(tiny_world, tmp_path / "r", "protocol.num_images=99"))
+        main(restore_args(tiny_world, run_dir, "protocol.num_images=99"))
+    with pytest.raises(UserError, match="no EMA weights"):  # a missing checkpoint
+        main(restore_args(tiny_world, run_dir, f"protocol.checkpoint={tmp_path / 'none'}"))
+    with pytest.raises(UserError, match="protocol.sigma_t0s"):  # every level beyond the model's
+        main(restore_args(tiny_world, run_dir, "protocol.sigma_t0s=[1e6]"))
+    # e from y exists for denoising only: inpainting needs an explicit or an oracle rule
+    with pytest.raises(UserError, match="inpaint_box has no start rule"):
+        main(restore_args(tiny_world, run_dir, "protocol.tasks=[inpaint_box]", "protocol.t0s=[]",
+                          "protocol.sigma_t0s=[]", "protocol.oracle_e=false"))
+    assert not run_dir.exists()  # nothing was written, not even config.yaml
+
+
+def test_restore_with_no_runnable_start_is_one_line_and_exit_2(tiny_world, tmp_path):
+    run_dir = tmp_path / "r"
+    r = run_module("jobs.restore", *restore_args(tiny_world, run_dir, "wandb.mode=disabled",
+                                                 "protocol.t0s=[40,99]", "protocol.start_c=[]",
+                                                 "protocol.sigma_t0s=[]"), timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "protocol.t0s" in lines[0] and "T = 30" in lines[0]
+    assert not run_dir.exists()
 
 
 def test_generation_job_fid_floor_and_memorisation(tiny_world, tmp_path):

@@ -79,24 +79,43 @@ def fit_dip_run(folder: Path, n: int, first: float) -> Path:
 
 
 def restoration_run(folder: Path) -> Path:
-    def row(arm, psnr, *, sampler=None, t0=None, steps=None, nfe=0, dip=0.0, oracle=False):
-        return {"arm": arm, "sampler": sampler, "t0": t0, "steps": steps, "nfe": nfe,
-                "dip_iters": dip, "passes": nfe + dip, "psnr": psnr, "psnr_std": 0.25,
-                "ssim": 0.75, "seconds_per_image": 1.5, "reverse_seconds_per_image": 0.1,
-                "oracle": oracle}
-    rows = [row("observation", 21.72), row("dip_budget", 22.84, dip=300.0),
-            row("dip_oracle", 23.61, dip=300.0, oracle=True),
-            row("direct", 25.87, sampler="ddim", t0=57, steps=5, nfe=5),
-            row("dip_start", 22.43, sampler="ddim", t0=30, steps=5, nfe=5, dip=300.0),
-            row("cheap_start", 22.59, sampler="ddim", t0=30, steps=5, nfe=5)]
-    run_dir(folder, results={
-        "protocol": "restoration", "split": "test", "num_images": 32, "device": "cpu",
-        "T": 1000, "tasks": {"denoise-s25": {"task": "denoise", "sigma": 25.0, "t_star": 57,
-                                             "dip_source": "fitted",
-                                             "dip_seconds_per_image": 1.4, "skipped": [],
-                                             "rows": rows}}})
-    png(folder / "psnr_vs_steps.png", 60)
-    png(folder / "psnr_vs_time.png", 70)
+    """A restoration run's results as jobs.restore writes them (rows made by the protocol's own
+    row, delta and answer functions from per-image PSNRs), N = 4."""
+    from dipddpm.protocols.restoration import (Scored, add_deltas, answer, answer_sentences,
+                                               make_row)
+
+    g = {"gflop_unet": 0.4, "gflop_dip": 1.2}
+
+    def sc(mean):
+        return Scored(np.array([mean - 0.3, mean - 0.1, mean + 0.1, mean + 0.3]), None, 0.75)
+
+    rows = [make_row("observation", sc(21.72), **g),
+            make_row("dip", sc(22.84), estimate="budget", output="ema", dip_iters=300.0,
+                     dip_s=1.4, **g),
+            make_row("dip", sc(23.61), estimate="oracle", output="best", dip_iters=300.0,
+                     dip_s=1.4, oracle=True, **g),
+            make_row("direct", sc(25.87), sampler="ddim", steps=5, nfe=5, rev_s=0.1,
+                     start={"rule": "t*", "requested": 0.196, "sigma": 0.196, "t0": 57}, **g),
+            make_row("dip_start", sc(22.43), estimate="budget", sampler="ddim", steps=5, nfe=5,
+                     dip_iters=300.0, dip_s=1.4, rev_s=0.1,
+                     start={"rule": "c*e", "c": 1.0, "e": 0.2, "requested": 0.2,
+                            "sigma": 0.201, "t0": 58}, **g),
+            make_row("cheap_start", sc(22.59), sampler="ddim", steps=5, nfe=5, rev_s=0.1,
+                     start={"rule": "sigma", "requested": 0.2, "sigma": 0.201, "t0": 58}, **g)]
+    task = {"task": "denoise", "sigma": 25.0, "sigma_obs": 0.196, "t_star": 57,
+            "primary": "psnr", "dip_source": "fitted", "dip_seconds_per_iteration": 0.0047,
+            "dip_seconds_per_image": 1.4, "es_wmv": None, "skipped": [],
+            "errors": {"dip_start/budget": {"estimated": 0.2, "oracle": 0.21}},
+            "front": add_deltas(rows, "psnr"), "rows": rows}
+    task["answer"] = answer(task, g["gflop_unet"], g["gflop_dip"])
+    res = {"protocol": "restoration", "split": "test", "num_images": 4, "device": "cpu",
+           "T": 1000, "observation": "gaussian",
+           "dip": {"iters": 300, "es_window": 100, "es_patience": 1000},
+           "gflop": {"unet_forward": 0.4, "dip_iteration": 1.2},
+           "tasks": {"denoise-s25": task}}
+    res["answer"] = answer_sentences(res)
+    run_dir(folder, results=res)
+    png(folder / "front_denoise-s25.png", 60)
     return folder
 
 
@@ -200,7 +219,8 @@ def test_five_tables_with_study_numbers_beside_ours(report):
     dip = section(text, "### 1.")
     assert "| 50 | 6.71 | 17.11 ± 0.50 |" in dip and "| 400 | 8.43 | 20.61 ± 0.50 |" in dip
     assert "N = 16" in dip and "99.00" not in dip  # the run with the most images
-    assert "| oracle peak (needs the clean image) | — | 24.75 |" in dip
+    assert "| EMA: oracle peak (needs the clean image) | — | 24.75 |" in dip
+    assert "| raw: oracle peak (needs the clean image) | — | — |" in dip  # an older run
     train = section(text, "### 2.")
     assert "| train time | 34 min 18.67 s | 33 min 20.00 s | 36 min 8.40 s | 36 min 10.00 s |" \
         in train
@@ -247,16 +267,24 @@ def test_ablations_group_runs_by_config_not_folder(report):
 def test_protocol_tables_and_findings(report):
     text = report["text"]
     rest = section(text, "### Restoration: denoise-s25")
-    assert "| dip_oracle (oracle) | — | — | — | 0 | 300 | 23.61 ± 0.25 |" in rest
-    assert "| direct | ddim | 57 | 5 | 5 | 0 | 25.87 ± 0.25 | 0.750 | 1.500 |" in rest
+    assert "| dip (oracle) | oracle/best |  |  | 0 | 300 | 360.0 | 23.61 [" in rest
+    assert "| direct |  | t*: 0.196 → 57 | ddim 5 | 5 | 0 | 2.0 | 25.87 [" in rest
+    # the DIP start against the best baseline at <= its 362 GFLOP: the direct start, paired
+    assert ("| dip_start | budget | 1×ê (0.200) = 0.201 → 58 | ddim 5 | 5 | 300 | 362.0 | "
+            "22.43 [") in rest and "| -3.44 [-3.44, -3.44] | 1.500 |" in rest
+    answer = text[text.index("## The answer"):text.index("## How to read this")]
+    assert "**denoise-s25** (N = 4, gaussian observation, PSNR)" in answer
+    assert "is -3.44 dB [-3.44, -3.44] against the best baseline" in answer
+    assert "break-even DIP budget is 0 iterations" in answer
     gen = section(text, "### Generation")
     assert "N = 1000 samples per arm" in gen and "FID 3.43" in gen
     assert "| dip_start | 100 | 50 | 50 | 8.75 | 0.0123 | 0.0100 | 0.90 |" in gen
     assert "| 1000 | 6.73 | 3.43 | 0.2171 |" in section(text, "### Classifier")
     how = text[text.index("## How to read this"):text.index("## The study's tables")]
     assert f"({0.57 / 0.031:.3g}x)" in how
-    assert "the DIP start is -3.44 dB against the direct start" in how and f"{2170 / 2000:.2f}x" in how
-    assert "best DIP start 22.43 dB (t0=30, 5 NFE)" in how and "direct start 25.87 dB" in how
+    assert f"{2170 / 2000:.2f}x" in how
+    assert "best DIP start 22.43 dB (362.0 GFLOP)" in how
+    assert "best direct start 25.87 dB (2.0 GFLOP)" in how
     assert "DIP alone 22.84 dB" in how and "dip_start FID 8.75" in how
     assert "`broken`: results.json unreadable" in text
     assert "- `.`" not in text  # the runs dir's own config.yaml is no missing run
@@ -266,7 +294,7 @@ def test_every_linked_image_is_a_png(report):
     root, text = report["root"], report["text"]
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     for made in ("report/dip_psnr.png", "report/loss_curves.png", "report/fid_vs_steps.png",
-                 "r/psnr_vs_steps.png", "g/samples/dip_start-t0100-k50.png",
+                 "r/front_denoise-s25.png", "g/samples/dip_start-t0100-k50.png",
                  "grid/a/samples/img-000000006400.png", "x/1/samples/img-000000006400.png"):
         assert made in links
     for link in links:

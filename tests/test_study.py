@@ -23,8 +23,9 @@ MICRO = [
     "study.classifier=[classifier.max_steps=2, classifier.batch_size=16, 'classifier.floor_ns=[4]', "
     "classifier.kid_subset=2, classifier.kid_subsets=2]",
     "study.restore=[protocol.num_images=2, 'protocol.tasks=[denoise]', 'protocol.sigmas=[25]', "
-    "'protocol.t0s=[5]', 'protocol.steps=[2]', 'protocol.samplers=[ddim]', dip.iters=3, "
-    "dip.batch_size=2]",
+    "'protocol.start_c=[1]', 'protocol.sigma_t0s=[0.3]', protocol.oracle_e=false, "
+    "'protocol.steps=[2]', 'protocol.samplers=[ddim]', dip.iters=3, dip.batch_size=2, "
+    "dip.es_window=2, dip.es_patience=2]",
     "study.generation=[protocol.gen_num=4, 'protocol.gen_ddim_steps=[2]', protocol.gen_ddpm=false, "
     "'protocol.gen_t0s=[5]', protocol.gen_steps=2, protocol.batch_size=4, dip.iters=3, "
     "classifier.fid_num=4, classifier.kid_subset=2, classifier.kid_subsets=2]",

@@ -9,8 +9,10 @@ t0 (where a sampler starts), in the paper's 1-indexed steps, t0 in [1, T]
     which is the paper's x_{t0} = sqrt(abar_{t0}) x0_hat + sqrt(1-abar_{t0}) eps.
     Ancestral DDPM from t0 makes exactly t0 network calls (nfe = t0).
     t0 = T, or t0 = None, is ordinary sampling from N(0, I): x0_hat is then not used.
-    To convert a noise level: the start index for std sigma (on [-1, 1]) is the t with
-    (1 - abar[t]) / abar[t] closest to sigma^2 (`t_for_sigma`), and t0 = that index + 1.
+    Noise levels: step t's noise-to-signal ratio is s_t = sqrt((1 - abar[t]) / abar[t]) in
+    [-1, 1] units (`noise_levels`), since x_t / sqrt(abar[t]) = x0 + s_t eps. A start given by
+    its noise level sigma starts at the index whose s_t is nearest (`t_for_sigma`), t0 = that
+    index + 1; `sigma_at(diffusion, t0)` is the level a 1-indexed t0 really has.
 
 Building
     diffusion = Diffusion.from_config(cfg.diffusion)           # or Diffusion(betas, "eps", "mse")
@@ -39,7 +41,9 @@ Samplers (return (samples, nfe); deterministic for a seed)
     Sampling runs under torch.no_grad; wrap the call in autocast for bf16 sampling.
 """
 from dipddpm.diffusion.samplers import ddim_sample, ddim_timesteps, ddpm_sample, sample, start_state
-from dipddpm.diffusion.schedule import Diffusion, cosine_betas, linear_betas, t_for_sigma
+from dipddpm.diffusion.schedule import (Diffusion, cosine_betas, linear_betas, noise_levels,
+                                        sigma_at, t_for_sigma)
 
-__all__ = ["Diffusion", "linear_betas", "cosine_betas", "t_for_sigma", "ddpm_sample",
+__all__ = ["Diffusion", "linear_betas", "cosine_betas", "noise_levels", "t_for_sigma", "sigma_at",
+           "ddpm_sample",
            "ddim_sample", "ddim_timesteps", "sample", "start_state"]

@@ -108,8 +108,21 @@ class Diffusion:
         return F.smooth_l1_loss(out, target.float())  # Huber, delta 1 (Annotated Diffusion)
 
 
+def noise_levels(diffusion: Diffusion) -> torch.Tensor:
+    """s_t = sqrt((1 - abar[t]) / abar[t]) for every 0-indexed t (float64 [T]): the noise-to-
+    signal ratio of step t, in the images' [-1, 1] units, since x_t / sqrt(abar[t]) = x0 + s_t eps.
+    It rises monotonically with t for every schedule here."""
+    return ((1 - diffusion.abar) / diffusion.abar).sqrt()
+
+
 def t_for_sigma(diffusion: Diffusion, sigma: float) -> int:
-    """The 0-indexed t whose noise-to-signal ratio (1 - abar[t]) / abar[t] is closest to sigma^2:
-    y = x0 + sigma * n scaled by sqrt(abar[t]) is then (nearly) a sample of q(x_t | x0)."""
-    ratio = (1 - diffusion.abar) / diffusion.abar
-    return int(torch.argmin((ratio - sigma ** 2).abs()))
+    """The 0-indexed t whose noise level s_t (see `noise_levels`) is nearest to sigma ([-1, 1]
+    units); ties go to the smaller t. y = x0 + sigma * n scaled by sqrt(abar[t]) is then (nearly)
+    a sample of q(x_t | x0). The one rule every start by noise level uses: the same sigma gives
+    the same noise level at any T and schedule, up to half a step of the schedule's grid."""
+    return int(torch.argmin((noise_levels(diffusion) - float(sigma)).abs()))
+
+
+def sigma_at(diffusion: Diffusion, t0: int) -> float:
+    """The noise level s of the paper's 1-indexed step t0 (index t0 - 1)."""
+    return float(noise_levels(diffusion)[int(t0) - 1])

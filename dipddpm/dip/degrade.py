@@ -1,5 +1,11 @@
 """Degradations of clean images in [0, 1]: Gaussian noise and inpainting masks.
 
+Observation models for the noise (`OBSERVATIONS`): "clipped" is clip(x + n, 0, 1), the DIP
+author's get_noisy_image (a valid image; the DIP PSNR table keeps it); "gaussian" is x + n
+unclipped, the model a diffusion's direct start assumes (y = x0 + sigma n exactly). On
+FashionMNIST about half the pixels are black background, where clipping half-rectifies the
+noise: the clipped observation is not a Gaussian observation.
+
 Every random draw is seeded per sample from (run seed, sample key), so an observation is the
 same whichever shard, task or batch the sample lands in.
 """
@@ -12,19 +18,23 @@ import numpy as np
 from dipddpm.dip.seeds import sample_seed
 
 TASKS = ("denoise", "inpaint_box", "inpaint_random")
+OBSERVATIONS = ("gaussian", "clipped")
 
 
 def _rng(run_seed: int, key: str, purpose: str) -> np.random.Generator:
     return np.random.default_rng(sample_seed(run_seed, key, purpose))
 
 
-def add_noise(clean: np.ndarray, keys: Sequence[str], sigma: float, run_seed: int) -> np.ndarray:
-    """clean [N, ...] in [0, 1] plus N(0, (sigma/255)^2), clipped to [0, 1] like the DIP author's
-    get_noisy_image (so the observation is a valid image)."""
+def add_noise(clean: np.ndarray, keys: Sequence[str], sigma: float, run_seed: int,
+              clip: bool = True) -> np.ndarray:
+    """clean [N, ...] in [0, 1] plus N(0, (sigma/255)^2); clipped to [0, 1] like the DIP
+    author's get_noisy_image when `clip` (the "clipped" model), else left as is ("gaussian").
+    The noise itself is the same either way (seeded by key)."""
     out = np.empty_like(clean, dtype=np.float32)
     for i, key in enumerate(keys):
         noise = _rng(run_seed, key, "noise").standard_normal(clean.shape[1:])
-        out[i] = np.clip(clean[i] + noise * (sigma / 255.0), 0.0, 1.0)
+        noisy = clean[i] + noise * (sigma / 255.0)
+        out[i] = np.clip(noisy, 0.0, 1.0) if clip else noisy
     return out
 
 
@@ -49,13 +59,19 @@ def random_masks(shape: Sequence[int], keys: Sequence[str], keep_fraction: float
 
 
 def degrade(clean: np.ndarray, keys: Sequence[str], task: str, *, run_seed: int,
-            sigma: float = 25.0, box: int = 10, keep_fraction: float = 0.5):
-    """Return (observation, mask), both [N, C, H, W] float32; mask is 1 where y is observed."""
+            sigma: float = 25.0, box: int = 10, keep_fraction: float = 0.5,
+            observation: str = "clipped"):
+    """Return (observation, mask), both [N, C, H, W] float32; mask is 1 where y is observed.
+    `observation` (one of OBSERVATIONS) applies to the noise of denoising."""
     if len(keys) != len(clean):
         raise ValueError(f"{len(keys)} keys for {len(clean)} images")
+    if observation not in OBSERVATIONS:
+        raise ValueError(f"unknown observation model {observation!r}; choose from "
+                         f"{', '.join(OBSERVATIONS)}")
     clean = clean.astype(np.float32)
     if task == "denoise":
-        return add_noise(clean, keys, sigma, run_seed), np.ones_like(clean)
+        return (add_noise(clean, keys, sigma, run_seed, clip=observation == "clipped"),
+                np.ones_like(clean))
     if task == "inpaint_box":
         mask = np.broadcast_to(box_mask(clean.shape[1:], box), clean.shape).copy()
     elif task == "inpaint_random":

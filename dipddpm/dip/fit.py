@@ -9,6 +9,14 @@ iteration's, a restore of the net's last snapshot (parameters and Adam state) in
 Snapshots are taken at accepted iterations every `snapshot_every` iterations: a snapshot
 copies parameters and both Adam moments, which on a CPU costs more than the Adam step itself.
 
+Stopping. stop='budget' runs every net to `iters` and reports the output EMA there; ES-WMV
+(`stopping.py`) is recorded on the way, and with `es_decide` a net runs on past `iters` until
+ES-WMV has decided (at most `iters + es_patience`), so its pick and cost are the published
+rule's. stop='es_wmv' stops each net at ES-WMV's decision and reports the raw output at its
+pick. Per net the fit keeps the images a comparison needs: the budget estimate, the raw output
+and the EMA at ES-WMV's pick, and, with a clean image, the raw output and the EMA at their best
+iteration within the budget (the oracle, a bound).
+
 `fit_single` is the plain reference: an nn.Module and torch.optim.Adam. `fit_batch` stacks the
 B nets' parameters and runs them as grouped convolutions (each net's channels a group, see
 `dipddpm.models.dip.grouped_forward`) with one fused Adam over per-net views, so each net's
@@ -45,7 +53,11 @@ class FitSettings:
     snapshot_every: int = 10
     stop: str = "budget"  # or "es_wmv": each net stops on its own ES-WMV signal
     es_window: int = 100
-    es_patience: int = 200
+    es_patience: int = 1000  # the paper's
+    # budget fits only: a net runs on past `iters` until ES-WMV has decided (at most
+    # iters + es_patience iterations), so ES-WMV's pick and cost are the published rule's, not
+    # cut at the budget; the budget estimate is still the one at `iters`
+    es_decide: bool = False
 
     @classmethod
     def from_config(cls, dip, **overrides) -> "FitSettings":
@@ -53,19 +65,39 @@ class FitSettings:
         kw.update(overrides)
         return cls(**kw)
 
+    @property
+    def max_iters(self) -> int:
+        """The most iterations any net runs."""
+        extend = self.stop == "budget" and self.es_decide
+        return self.iters + (self.es_patience if extend else 0)
+
 
 @dataclass
 class FitResult:
-    """Everything per net (column b = net b); iterations counted from 1; NaN after a stop."""
-    estimate: torch.Tensor  # [B, C, H, W] at each net's stop: the EMA output (raw if
+    """Everything per net (column b = net b); iterations counted from 1; NaN after a net stops.
+
+    The curves have max_iters rows (iters, or iters + es_patience with es_decide). The oracle
+    picks (`best_*`) look at the first `iters` iterations only and need the clean image (None
+    without one)."""
+    estimate: torch.Tensor  # [B, C, H, W] the reported estimate: the EMA output (raw if
     # exp_weight=0) at the budget; with stop='es_wmv' the raw output at ES-WMV's pick
     stop_iter: torch.Tensor  # [B] the iteration whose estimate is reported
     psnr_obs: torch.Tensor  # [T, B] raw output vs observation (masked)
     psnr_raw: torch.Tensor  # [T, B] raw output vs clean (NaN without a clean image)
-    psnr_est: torch.Tensor  # [T, B] estimate vs clean
-    es_iter: torch.Tensor  # [B] iteration ES-WMV picked (0: window never filled)
+    psnr_est: torch.Tensor  # [T, B] estimate (EMA) vs clean
+    es_iter: torch.Tensor  # [B] iteration ES-WMV picked, final once it decided (0: window
+    # never filled)
     es_psnr: torch.Tensor  # [B] raw output vs clean at es_iter
     backtracks: torch.Tensor  # [B] restores done
+    es_stop: torch.Tensor = None  # [B] iteration at which ES-WMV decided (es_iter + patience;
+    # 0: not decided by the net's last iteration)
+    iters_run: torch.Tensor = None  # [B] iterations the net ran
+    es_raw: torch.Tensor = None  # [B, C, H, W] raw output at es_iter (ES-WMV's output)
+    es_ema: torch.Tensor = None  # [B, C, H, W] EMA at es_iter
+    best_raw: Optional[torch.Tensor] = None  # [B, C, H, W] raw output at best_raw_iter
+    best_raw_iter: Optional[torch.Tensor] = None  # [B] the raw output's best iteration
+    best_ema: Optional[torch.Tensor] = None  # [B, C, H, W] EMA at best_ema_iter
+    best_ema_iter: Optional[torch.Tensor] = None  # [B]
 
 
 def make_net(spec: SkipSpec, seed: int) -> SkipNet:
@@ -86,20 +118,29 @@ def jittered(z: torch.Tensor, seeds, t: int, s: FitSettings) -> torch.Tensor:
 
 
 class _Monitor:
-    """EMA, PSNR records, ES-WMV and stop decisions for the nets still running (`active`)."""
+    """EMA, PSNR records, ES-WMV, the oracle picks and stop decisions of the nets still
+    running (`active`: their indices into the batch). Per-net images live in full-batch
+    tensors written at the active nets' rows, so a net that stops keeps what it had."""
 
     def __init__(self, y, mask, clean, s: FitSettings):
         b, dev = y.shape[0], y.device
         self.s, self.y, self.mask, self.clean = s, y, mask, clean
-        nan = lambda: torch.full((s.iters, b), math.nan, dtype=torch.float64, device=dev)  # noqa
+        self.length = s.max_iters
+        nan = lambda: torch.full((self.length, b), math.nan, dtype=torch.float64,  # noqa
+                                 device=dev)
         self.psnr_obs, self.psnr_raw, self.psnr_est = nan(), nan(), nan()
         self.active = torch.arange(b, device=dev)
         self.ema: Optional[torch.Tensor] = None
         self.es = EsWmv(b, s.es_window, s.es_patience, dev)
         self.estimate = torch.zeros_like(y)
-        self.es_estimate = torch.zeros_like(y)
+        self.es_raw, self.es_ema = torch.zeros_like(y), torch.zeros_like(y)
+        self.best_raw, self.best_ema = torch.zeros_like(y), torch.zeros_like(y)
+        self.best_raw_iter = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.best_ema_iter = torch.zeros(b, dtype=torch.int64, device=dev)
         self.stop_iter = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.iters_run = torch.zeros(b, dtype=torch.int64, device=dev)
         self.es_iter = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.es_stop = torch.zeros(b, dtype=torch.int64, device=dev)
         self.es_psnr = torch.full((b,), math.nan, dtype=torch.float64, device=dev)
 
     def observe(self, t: int, out: torch.Tensor):
@@ -109,32 +150,56 @@ class _Monitor:
         self.ema = out.clone() if self.ema is None else self.ema * w + out * (1 - w)
         obs = psnr(out, self.y[a], self.mask[a])
         self.psnr_obs[t, a] = obs.to(torch.float64)
+        self.iters_run[a] = t + 1
         raw_psnr = None
         if self.clean is not None:
             raw_psnr = psnr(out, self.clean[a]).to(torch.float64)
+            est_psnr = psnr(self.ema, self.clean[a]).to(torch.float64)
             self.psnr_raw[t, a] = raw_psnr
-            self.psnr_est[t, a] = psnr(self.ema, self.clean[a]).to(torch.float64)
-        new_min, es_stop = self.es.update(out, t + 1)
+            self.psnr_est[t, a] = est_psnr
+            if t < s.iters:  # the oracle looks inside the budget only
+                self._keep_best(t, a, raw_psnr, out, self.psnr_raw, self.best_raw,
+                                self.best_raw_iter)
+                self._keep_best(t, a, est_psnr, self.ema, self.psnr_est, self.best_ema,
+                                self.best_ema_iter)
+        new_min, es_stopped = self.es.update(out, t + 1)
         if new_min.any():
             # ES-WMV picks an iteration by the variance of the raw outputs and returns the raw
-            # output there: the EMA lags behind it (at sigma 50 by ~2 dB at the pick)
+            # output there; the EMA at the same iteration is kept for the EMA-vs-EMA comparison
             idx = a[new_min]
-            self.es_estimate[idx] = out[new_min]
+            self.es_raw[idx] = out[new_min]
+            self.es_ema[idx] = self.ema[new_min]
             self.es_iter[idx] = t + 1
             if raw_psnr is not None:
                 self.es_psnr[idx] = raw_psnr[new_min]
-        stop = es_stop if s.stop == "es_wmv" else torch.zeros_like(es_stop)
-        if t + 1 == s.iters:
-            stop = torch.ones_like(stop)
-        if stop.any():
+        self.es_stop[a] = self.es.stop_iter
+        if t + 1 == s.iters and s.stop == "budget":
+            self.estimate[a] = self.ema
+            self.stop_iter[a] = t + 1
+        if s.stop == "es_wmv":
+            stop = es_stopped | (t + 1 >= s.iters)
+        elif s.es_decide:
+            stop = (es_stopped | (t + 1 >= self.length)) & (t + 1 >= s.iters)
+        else:
+            stop = torch.full_like(es_stopped, t + 1 >= s.iters)
+        if s.stop == "es_wmv" and stop.any():
             idx = a[stop]
             use_es = self.es_iter[idx] > 0
-            if s.stop != "es_wmv":
-                use_es = torch.zeros_like(use_es)
-            self.estimate[idx] = torch.where(use_es[:, None, None, None], self.es_estimate[idx],
+            self.estimate[idx] = torch.where(use_es[:, None, None, None], self.es_raw[idx],
                                              self.ema[stop])
             self.stop_iter[idx] = torch.where(use_es, self.es_iter[idx], t + 1)
         return obs, stop
+
+    @staticmethod
+    def _keep_best(t, a, value, image, curve, best, best_iter):
+        """Where iteration t beats the net's best so far, keep its image and iteration."""
+        prev = torch.where(best_iter[a] > 0, curve[(best_iter[a] - 1).clamp_min(0), a],
+                           torch.full_like(value, -math.inf))
+        better = value > prev
+        if better.any():
+            idx = a[better]
+            best[idx] = image[better]
+            best_iter[idx] = t + 1
 
     def select(self, keep: torch.Tensor) -> None:
         self.active = self.active[keep]
@@ -143,9 +208,16 @@ class _Monitor:
 
     def result(self, backtracks: torch.Tensor) -> FitResult:
         cpu = lambda x: x.detach().cpu()  # noqa
+        clean = self.clean is not None
         return FitResult(cpu(self.estimate), cpu(self.stop_iter), cpu(self.psnr_obs),
                          cpu(self.psnr_raw), cpu(self.psnr_est), cpu(self.es_iter),
-                         cpu(self.es_psnr), cpu(backtracks))
+                         cpu(self.es_psnr), cpu(backtracks), es_stop=cpu(self.es_stop),
+                         iters_run=cpu(self.iters_run), es_raw=cpu(self.es_raw),
+                         es_ema=cpu(self.es_ema),
+                         best_raw=cpu(self.best_raw) if clean else None,
+                         best_raw_iter=cpu(self.best_raw_iter) if clean else None,
+                         best_ema=cpu(self.best_ema) if clean else None,
+                         best_ema_iter=cpu(self.best_ema_iter) if clean else None)
 
 
 def _fused_available(device) -> bool:
@@ -176,7 +248,7 @@ def fit_single(y, mask, clean, seed: int, spec: SkipSpec, s: FitSettings, *,
     mon = _Monitor(y, mask, clean, s)
     backtracks = torch.zeros(1, dtype=torch.int64)
     ref, snap = None, None
-    for t in range(s.iters):
+    for t in range(mon.length):
         out = net(jittered(z, [seed], t, s))
         loss = ((out - y) ** 2 * mask).mean()
         opt.zero_grad(set_to_none=True)
@@ -299,34 +371,37 @@ def fit_batch(y, mask, clean, seeds: Sequence[int], spec: SkipSpec, s: FitSettin
     h, w = y.shape[2:]
     cin, cout = spec.in_channels, spec.out_channels
     seed_t = torch.tensor(list(seeds), dtype=torch.int64, device=device)
-    z = net_input(seed_t, (cin, h, w), s, dtype, device)
     mon = _Monitor(y, mask, clean, s)
     backtracks = torch.zeros(b, dtype=torch.int64, device=device)
-    ref = torch.full((b,), math.nan, dtype=torch.float64, device=device)  # NaN: nothing to compare
-    snap_ref = ref.clone()
-    for t in range(s.iters):
+    # the running nets' own rows, cut together when nets stop (the parameters and Adam state
+    # are cut by stack.select, the records by mon.select); ref NaN: nothing to compare yet
+    nan = torch.full((b,), math.nan, dtype=torch.float64, device=device)
+    rows = {"seed": seed_t, "z": net_input(seed_t, (cin, h, w), s, dtype, device),
+            "ref": nan, "snap_ref": nan.clone()}
+    for t in range(mon.length):
         a_idx = mon.active
         na = stack.a
-        x = jittered(z, seed_t, t, s).reshape(1, na * cin, h, w)
+        x = jittered(rows["z"], rows["seed"], t, s).reshape(1, na * cin, h, w)
         out = grouped_forward(template, stack.p, x, na).reshape(na, cout, h, w)
         loss = (((out - y[a_idx]) ** 2) * mask[a_idx]).mean((1, 2, 3)).sum()
         names = list(stack.p)
         grads = dict(zip(names, torch.autograd.grad(loss, [stack.p[n] for n in names])))
         obs, stop = mon.observe(t, out.detach())
         obs = obs.to(torch.float64)
+        ref = rows["ref"]
         if s.backtrack_db > 0:
             bad = obs < ref - s.backtrack_db  # False where ref is NaN
         else:
             bad = torch.zeros(na, dtype=torch.bool, device=device)
         if bad.any():
             stack.restore(bad)
-            ref = torch.where(bad, snap_ref, ref)
+            ref = torch.where(bad, rows["snap_ref"], ref)
             backtracks[a_idx[bad]] += 1
         good = ~bad
-        ref = torch.where(good, obs, ref)
+        rows["ref"] = torch.where(good, obs, ref)
         if t % s.snapshot_every == 0:
             stack.take_snapshot()
-            snap_ref = torch.where(good, obs, snap_ref)
+            rows["snap_ref"] = torch.where(good, obs, rows["snap_ref"])
         stack.adam_step(grads, good, s.lr)
         del grads
         if on_iter is not None:
@@ -337,8 +412,7 @@ def fit_batch(y, mask, clean, seeds: Sequence[int], spec: SkipSpec, s: FitSettin
                 break
             mon.select(keep)
             stack.select(keep)
-            seed_t, z = seed_t[keep], z[keep]
-            ref, snap_ref = ref[keep], snap_ref[keep]
+            rows = {k: v[keep] for k, v in rows.items()}
     return mon.result(backtracks)
 
 

@@ -1,7 +1,8 @@
 """DIP priors for whole data shards: the input of the DIP-start diffusion experiments.
 
 For one data shard `<split>-NNNNNN.tar` the job builds each sample's observation (noise or mask,
-seeded by the sample key), fits one DIP per image with the batched path, and writes
+seeded by the sample key; the noise model is protocol.observation, as the restoration protocol
+that reads the priors has it), fits one DIP per image with the batched path, and writes
 `data.dir/priors/<priors.name>/<split>-NNNNNN.tar` with the same keys:
   x0_hat.npy  float32 [C, 28, 28] in [0, 1]   the DIP estimate (output EMA at the stop)
   obs.npy     float32 [C, 28, 28]             the observation the DIP saw
@@ -69,6 +70,7 @@ READS = ("run", "data.dir", "priors.name", "priors.split", "priors.sub_batch",
 def settings_of(cfg: Config, data_fingerprint: str) -> dict:
     """Everything that changes a prior's bytes; its hash names a compatible result."""
     return {"dip": {k: getattr(cfg.dip, k) for k in prior_dip_keys()},
+            "observation": cfg.protocol.observation,
             "split": cfg.priors.split, "run_seed": cfg.run.seed, "data": data_fingerprint}
 
 
@@ -129,8 +131,10 @@ def _write_prior_tar(path: Path, keys: list[str], part: dict) -> None:
 def _fit_sub_batch(cfg: Config, clean: np.ndarray, keys: list[str], device,
                    bar: Optional[tqdm]) -> dict:
     dip = cfg.dip
+    # the restoration protocol's observation model, so that it can use these priors
     y, mask = degrade(clean, keys, dip.task, run_seed=cfg.run.seed, sigma=dip.sigma,
-                      box=dip.box, keep_fraction=dip.keep_fraction)
+                      box=dip.box, keep_fraction=dip.keep_fraction,
+                      observation=cfg.protocol.observation)
     on_iter = None if bar is None else (lambda t, n: bar.update(n))
     [(_, r)] = fit_by_key(y, mask, clean, keys, SkipSpec.from_config(dip),
                           FitSettings.from_config(dip), run_seed=cfg.run.seed,

@@ -1,13 +1,30 @@
 """The study's first table done right: DIP denoising PSNR vs iterations on FashionMNIST.
 
 For each sigma: N test images, each observed as clip(x + N(0, (sigma/255)^2)) with noise seeded
-by its key, each fitted by its own net to the full budget (B nets at once). The curve is the
-PSNR of the estimate (output EMA) against the clean image every `record_every` iterations, mean
-and std over images; beside it the noisy input's PSNR, the oracle (each image's best iteration,
-known only with the clean image), ES-WMV's pick (found without the clean image) and the fixed
-budget's last iteration. results.json is
-  {"sigma": {"25": {"iters", "psnr_mean", "psnr_std", "noisy_psnr", "oracle_psnr",
-                    "es_wmv_psnr", "budget_psnr"}, ...}, "num_images": N}
+by its key (the DIP author's clipped observation; the restoration protocol has its own key,
+protocol.observation), each fitted by its own net to the full budget (B nets at once). The
+curve is the PSNR of the estimate (output EMA) against the clean image every `record_every`
+iterations, mean and std over images; beside it the noisy input's PSNR, the oracle (each image's
+best iteration within the budget, known only with the clean image), ES-WMV's pick (found without
+the clean image) and the fixed budget's last iteration.
+
+ES-WMV as published (dipddpm/dip/stopping.py): window dip.es_window, patience dip.es_patience
+(1000 by default), its pick frozen at the first stop; a net runs on past the budget until
+ES-WMV has decided (at most dip.iters + dip.es_patience iterations), so its pick and cost are
+the rule's, not cut at the budget. It is compared like with like: its raw output against the
+raw output's oracle, and the EMA at its pick against the EMA's oracle (the restoration protocol
+uses the same definitions).
+
+results.json is
+  {"sigma": {"25": {"iters", "psnr_mean", "psnr_std", "noisy_psnr",
+                    "oracle_psnr",          # EMA: each image's best iteration (mean PSNR)
+                    "oracle_raw_psnr",      # raw output: each image's best iteration
+                    "es_wmv_psnr",          # raw output at ES-WMV's pick (the published output)
+                    "es_wmv_ema_psnr",      # EMA at ES-WMV's pick
+                    "es_wmv_iters",         # mean pick
+                    "es_wmv_cost_iters",    # mean iterations run to decide (pick + patience)
+                    "es_wmv_decided",       # images for which it decided (of N)
+                    "budget_psnr"}, ...}, "num_images": N}
 """
 from __future__ import annotations
 
@@ -39,10 +56,17 @@ class SigmaCurves:
     psnr_est: np.ndarray  # [T, N] estimate (EMA) vs clean, every iteration
     psnr_raw: np.ndarray  # [T, N] raw output vs clean
     noisy: np.ndarray  # [N] observation vs clean
-    es_psnr: np.ndarray  # [N]
-    es_iter: np.ndarray  # [N]
+    es_psnr: np.ndarray  # [N] raw output at ES-WMV's pick
+    es_iter: np.ndarray  # [N] the pick (0: none)
     backtracks: np.ndarray  # [N]
     seconds: float
+    es_psnr_ema: np.ndarray = None  # [N] EMA at ES-WMV's pick
+    es_stop: np.ndarray = None  # [N] iteration ES-WMV decided at (0: not within the fit)
+    iters_run: np.ndarray = None  # [N] iterations each net ran
+
+    def es_cost(self) -> np.ndarray:
+        """Iterations ES-WMV ran to decide: pick + patience, or all a net ran when undecided."""
+        return np.where(self.es_stop > 0, self.es_stop, self.iters_run)
 
 
 def load_clean(cfg: Config):
@@ -72,7 +96,8 @@ def _fingerprint(cfg: Config, sigma: float, keys: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-_BATCH_FIELDS = ("psnr_est", "psnr_raw", "es_psnr", "es_iter", "backtracks", "seconds")
+_BATCH_FIELDS = ("psnr_est", "psnr_raw", "es_psnr", "es_psnr_ema", "es_iter", "es_stop",
+                 "iters_run", "backtracks", "seconds")
 
 
 def _load_batch(path: Path, fingerprint: str) -> Optional[dict]:
@@ -98,8 +123,9 @@ def fit_sigma(cfg: Config, clean: np.ndarray, keys: list[str], sigma: float, *,
     dip, seed = cfg.dip, cfg.run.seed
     y, _ = degrade(clean, keys, "denoise", run_seed=seed, sigma=sigma)
     spec = SkipSpec.from_config(dip)
-    # the curve needs every iteration up to the budget; ES-WMV's pick is recorded on the way
-    settings = FitSettings.from_config(dip, stop="budget")
+    # the curve needs every iteration up to the budget; ES-WMV's pick is recorded on the way,
+    # and a net runs on past the budget until ES-WMV has decided
+    settings = FitSettings.from_config(dip, stop="budget", es_decide=True)
     batches = []
     for lo in range(0, len(keys), dip.batch_size):
         hi = min(lo + dip.batch_size, len(keys))
@@ -116,8 +142,13 @@ def fit_sigma(cfg: Config, clean: np.ndarray, keys: list[str], sigma: float, *,
         start = time.perf_counter()
         (_, r), = fit_by_key(y[lo:hi], None, clean[lo:hi], keys[lo:hi], spec, settings,
                              run_seed=seed, batch_size=hi - lo, device=device, on_iter=on_iter)
-        done = {"psnr_est": r.psnr_est.numpy(), "psnr_raw": r.psnr_raw.numpy(),
-                "es_psnr": r.es_psnr.numpy(), "es_iter": r.es_iter.numpy(),
+        es_iter = r.es_iter.numpy()
+        at_pick = r.psnr_est.numpy()[np.maximum(es_iter, 1) - 1, np.arange(len(es_iter))]
+        done = {"psnr_est": r.psnr_est.numpy()[:dip.iters],
+                "psnr_raw": r.psnr_raw.numpy()[:dip.iters],
+                "es_psnr": r.es_psnr.numpy(), "es_iter": es_iter,
+                "es_psnr_ema": np.where(es_iter > 0, at_pick, np.nan),
+                "es_stop": r.es_stop.numpy(), "iters_run": r.iters_run.numpy(),
                 "backtracks": r.backtracks.numpy(), "seconds": time.perf_counter() - start}
         if path is not None:
             with atomic_path(path, ".npz") as tmp:
@@ -127,7 +158,9 @@ def fit_sigma(cfg: Config, clean: np.ndarray, keys: list[str], sigma: float, *,
     noisy = psnr(torch.from_numpy(y), torch.from_numpy(clean)).numpy()
     return SigmaCurves(sigma, cat("psnr_est", 1), cat("psnr_raw", 1), noisy, cat("es_psnr"),
                        cat("es_iter"), cat("backtracks"),
-                       float(sum(float(b["seconds"]) for b in batches)))
+                       float(sum(float(b["seconds"]) for b in batches)),
+                       es_psnr_ema=cat("es_psnr_ema"), es_stop=cat("es_stop"),
+                       iters_run=cat("iters_run"))
 
 
 def record_iters(iters: int, every: int) -> list[int]:
@@ -141,19 +174,28 @@ def sigma_key(sigma: float) -> str:
     return f"{sigma:g}"
 
 
+def _mean_finite(v: np.ndarray) -> Optional[float]:
+    return float(np.nanmean(v)) if np.isfinite(v).any() else None
+
+
 def summarise(curves: SigmaCurves, record_every: int) -> dict:
     """One sigma's entry of results.json (all PSNR in dB, means over images)."""
     t = curves.psnr_est.shape[0]
     marks = record_iters(t, record_every)
     at = curves.psnr_est[np.array(marks) - 1]
+    picked = curves.es_iter > 0
     return {
         "iters": marks,
         "psnr_mean": [float(v) for v in at.mean(1)],
         "psnr_std": [float(v) for v in at.std(1)],
         "noisy_psnr": float(curves.noisy.mean()),
         "oracle_psnr": float(curves.psnr_est.max(0).mean()),
-        "es_wmv_psnr": float(np.nanmean(curves.es_psnr)) if np.isfinite(curves.es_psnr).any()
-        else None,
+        "oracle_raw_psnr": float(curves.psnr_raw.max(0).mean()),
+        "es_wmv_psnr": _mean_finite(curves.es_psnr),
+        "es_wmv_ema_psnr": _mean_finite(curves.es_psnr_ema),
+        "es_wmv_iters": float(curves.es_iter[picked].mean()) if picked.any() else None,
+        "es_wmv_cost_iters": float(curves.es_cost().mean()),
+        "es_wmv_decided": int((curves.es_stop > 0).sum()),
         "budget_psnr": float(curves.psnr_est[-1].mean()),
     }
 
@@ -197,21 +239,33 @@ def table_markdown(all_curves: list[SigmaCurves], cfg: Config) -> str:
         "",
         "## Stopping",
         "",
-        "| σ | noisy input | oracle peak (its mean iteration) | ES-WMV (its mean iteration) "
-        f"| budget ({t} iters) | backtracks | fit time |",
-        "|---|---|---|---|---|---|---|",
+        "Like with like: ES-WMV's raw output against the raw output's oracle, and the EMA at "
+        "ES-WMV's pick against the EMA's oracle. Oracles need the clean image (bounds); their "
+        "iteration is each image's best within the budget.",
+        "",
+        "| σ | noisy input | raw: oracle (iteration) | raw: ES-WMV (pick; cost) "
+        "| EMA: oracle (iteration) | EMA at ES-WMV's pick | EMA at the budget "
+        f"({t} iters) | ES-WMV decided | backtracks | fit time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in all_curves:
-        peak_iter = c.psnr_est.argmax(0) + 1
-        es = c.es_psnr[np.isfinite(c.es_psnr)]
-        es_cell = (f"{_pm(es)} ({c.es_iter[c.es_iter > 0].mean():.0f})" if len(es)
-                   else "window never filled")
+        picked = c.es_iter > 0
+        if picked.any():
+            es_raw = (f"{_pm(c.es_psnr[picked])} ({c.es_iter[picked].mean():.0f}; "
+                      f"{c.es_cost().mean():.0f})")
+            es_ema = _pm(c.es_psnr_ema[picked])
+        else:
+            es_raw = es_ema = "window never filled"
         lines.append(
-            f"| {sigma_key(c.sigma)} | {_pm(c.noisy)} | {_pm(c.psnr_est.max(0))} "
-            f"({peak_iter.mean():.0f}) | {es_cell} | {_pm(c.psnr_est[-1])} "
+            f"| {sigma_key(c.sigma)} | {_pm(c.noisy)} | {_pm(c.psnr_raw.max(0))} "
+            f"({(c.psnr_raw.argmax(0) + 1).mean():.0f}) | {es_raw} "
+            f"| {_pm(c.psnr_est.max(0))} ({(c.psnr_est.argmax(0) + 1).mean():.0f}) | {es_ema} "
+            f"| {_pm(c.psnr_est[-1])} | {int((c.es_stop > 0).sum())} of {len(c.es_stop)} "
             f"| {int(c.backtracks.sum())} | {c.seconds:.0f} s |")
     lines += ["", f"ES-WMV: window {dip.es_window}, patience {dip.es_patience}, on the raw "
-              "outputs; the PSNR is the raw output's at the picked iteration (as in the paper).", ""]
+              "outputs, its pick frozen at the first stop; cost = the iterations it runs to "
+              f"decide (pick + patience; a net runs on past the budget, at most {t} + "
+              f"{dip.es_patience}, until it has). Observation: clip(x + n, 0, 1).", ""]
     return "\n".join(lines)
 
 
@@ -253,11 +307,12 @@ def run_study(cfg: Config, *, progress: bool = True) -> dict:
                 metrics[f"psnr_raw/sigma{k}"] = float(c.psnr_raw[it - 1].mean())
             tracker.log(metrics, step=it)
         tracker.log_image("psnr_plot", plot, step=marks[-1])
-        rows = [[k] + [v[name] for name in ("noisy_psnr", "oracle_psnr", "es_wmv_psnr",
-                                             "budget_psnr")]
-                for k, v in results["sigma"].items()]
-        tracker.log_table("stopping", ["sigma", "noisy", "oracle", "es_wmv", "budget"], rows)
+        names = ("noisy_psnr", "oracle_raw_psnr", "es_wmv_psnr", "oracle_psnr",
+                 "es_wmv_ema_psnr", "budget_psnr", "es_wmv_cost_iters")
+        rows = [[k] + [v[name] for name in names] for k, v in results["sigma"].items()]
+        tracker.log_table("stopping", ["sigma", "noisy", "oracle_raw", "es_wmv_raw",
+                                       "oracle_ema", "es_wmv_ema", "budget", "es_wmv_cost"],
+                          rows)
         tracker.summary({f"{name}/sigma{k}": v[name] for k, v in results["sigma"].items()
-                         for name in ("noisy_psnr", "oracle_psnr", "es_wmv_psnr",
-                                      "budget_psnr")})
+                         for name in names})
     return results

@@ -1,14 +1,31 @@
 """The building blocks every protocol arm shares: unit conversions, start states, estimates,
-and one reverse-chain call that counts its network evaluations.
+the estimate's error, and one reverse-chain call that counts its network evaluations.
 
 Scales. The DIP, PSNR and SSIM work on u in [0, 1]; the diffusion on x = 2u - 1 in [-1, 1]. A
-noise std s on [0, 1] is 2s on [-1, 1]: denoising at sigma = 25 (0-255 scale) is std 50/255 on
-the diffusion's scale, so its direct start is t* = 56 for linear betas 1e-4..0.02, T = 1000
-(sigma 50 -> 114).
+noise std s on [0, 1] is 2s on [-1, 1]: denoising at sigma = 25 (0-255 scale) is std 50/255 =
+0.196 on the diffusion's scale, so its direct start is t* = 57 for linear betas 1e-4..0.02,
+T = 1000 (sigma 50 -> 115).
+
+Starts by noise level. Step t's noise level is s_t = sqrt((1 - abar_t) / abar_t) ([-1, 1] units,
+`dipddpm.diffusion.noise_levels`). A start asks for a level sigma_t0 and gets the step whose s_t
+is nearest (`start_at`, the same rule as the direct start's t*), so the same request is the same
+noise level at any T and schedule; both the requested and the realised level are recorded.
+
+The estimate's error e (RMS of u_hat - x0 in [-1, 1] units), for CCDF's rule sigma_t0 = c x e:
+  `residual_error`: without the clean image, for denoising: e^2 = 4 max(mean (u_hat - y)^2 -
+      (sigma/255)^2, floor) over all images and pixels (the residual against y minus the known
+      noise variance). Biased LOW for a DIP: it was fitted to y, so its error correlates with
+      the noise and the residual is smaller than error^2 + noise^2 (the more it fitted the noise,
+      the lower). With the clipped observation the noise variance is below sigma^2 and e is
+      biased low again. The floor is one grey level, (1/255)^2.
+  `oracle_error`: with the clean image (a bound, flagged oracle): the true RMS error, over the
+      pixels that the chain does not keep (inpainting: the hole).
 
 Samplers. "ddpm" is DDIM with eta = 1 over K evenly spaced steps: with K >= t0 it is ancestral
 DDPM exactly (same draws, see dipddpm/diffusion), with K < t0 it is the respaced ancestral chain
 (posterior variances of the coarser schedule). "ddim" is eta = 0. NFE = min(K, t0) either way.
+K = 1 is one step to x_0: the posterior mean (Tweedie) x0 = (x_t - sqrt(1 - abar) eps_hat) /
+sqrt(abar), the same for both samplers.
 
 Inpainting consistency (RePaint's simple form, without its resampling loops): after every
 reverse step to index s, the observed pixels are replaced by the observation diffused to s,
@@ -25,7 +42,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from dipddpm.diffusion import Diffusion, ddim_sample, t_for_sigma
+from dipddpm.diffusion import Diffusion, ddim_sample, sigma_at, t_for_sigma
 
 ETA = {"ddpm": 1.0, "ddim": 0.0}
 
@@ -45,20 +62,49 @@ def sigma_on_diffusion_scale(sigma255: float) -> float:
     return 2.0 * sigma255 / 255.0
 
 
+def start_at(diffusion: Diffusion, sigma: float) -> tuple[int, float]:
+    """(t0, realised sigma_t0) for a start at noise level sigma ([-1, 1] units): the 1-indexed
+    step whose s_t is nearest to sigma (`dipddpm.diffusion.t_for_sigma`)."""
+    t0 = t_for_sigma(diffusion, sigma) + 1
+    return t0, sigma_at(diffusion, t0)
+
+
 def direct_t0(diffusion: Diffusion, sigma255: float) -> int:
-    """1-indexed t* whose (1 - abar)/abar matches the observation's noise variance."""
-    return t_for_sigma(diffusion, sigma_on_diffusion_scale(sigma255)) + 1
+    """1-indexed t* whose noise level s_t matches the observation's noise std (see start_at)."""
+    return start_at(diffusion, sigma_on_diffusion_scale(sigma255))[0]
 
 
 def direct_start(y: torch.Tensor, diffusion: Diffusion,
                  sigma255: float) -> tuple[torch.Tensor, int]:
     """(x at index t*-1, t*) from a noisy observation y in [0, 1], no prior: y = x0 + s n on
     [-1, 1] scaled by sqrt(abar) is sqrt(abar) x0 + sqrt(abar) s n, and sqrt(abar) s ~
-    sqrt(1 - abar) at t*. (y is clipped to [0, 1] by the degradation, so near black and white
-    the noise is not exactly Gaussian: a small mismatch the direct arm lives with.)"""
+    sqrt(1 - abar) at t*. Exact for the "gaussian" observation model; with the "clipped" one
+    the noise near black and white is not Gaussian (half-rectified on the black background)."""
     t0 = direct_t0(diffusion, sigma255)
     scale = float(diffusion.sqrt_abar[t0 - 1])
     return to_diffusion(y) * scale, t0
+
+
+ERROR_FLOOR = 1.0 / 255  # [0, 1] units: one grey level
+
+
+def residual_error(u_hat: torch.Tensor, y: torch.Tensor, sigma255: float) -> float:
+    """e ([-1, 1] units) of a denoising estimate from y alone (module docstring: biased low)."""
+    mse = float(((u_hat.double() - y.double()) ** 2).mean())
+    return 2.0 * math.sqrt(max(mse - (sigma255 / 255.0) ** 2, ERROR_FLOOR ** 2))
+
+
+def oracle_error(u_hat: torch.Tensor, clean: torch.Tensor,
+                 region: Optional[torch.Tensor] = None) -> float:
+    """The true e ([-1, 1] units) over `region` (1 = counted; None: every pixel). Needs the
+    clean image: what it gives is a bound."""
+    err = (u_hat.double() - clean.double()) ** 2
+    if region is not None:
+        w = region.double().expand_as(err)
+        mse = float((err * w).sum() / w.sum().clamp_min(1))
+    else:
+        mse = float(err.mean())
+    return 2.0 * math.sqrt(max(mse, ERROR_FLOOR ** 2))
 
 
 def gaussian_blur(u: torch.Tensor, sigma: float) -> torch.Tensor:

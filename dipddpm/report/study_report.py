@@ -1,5 +1,6 @@
-"""REPORT.md from run dirs: the study's five tables with our numbers beside its own, the
-protocol tables, plots, and a "How to read this" paragraph computed from what is there.
+"""REPORT.md from run dirs: the answer (does a DIP start pay off?), the study's five tables with
+our numbers beside its own, the protocol tables, plots, and a "How to read this" paragraph
+computed from what is there.
 
     build_report(cfg, runs_dir)   # what `python -m jobs.report RUNS_DIR` runs
 
@@ -17,9 +18,11 @@ from typing import Optional
 
 from dipddpm.config import Config
 from dipddpm.evaluate.inception import describe as describe_inception
+from dipddpm.protocols.restoration import (TABLE_COLUMNS, answer_sentences, table_cells,
+                                           task_intro)
 from dipddpm.report.discover import Runs, discover
 from dipddpm.report.table_plots import attach_plots
-from dipddpm.report.tables import (DASH, VARIANTS, Table, best_fit, fmt, fmt_loss, main_T,
+from dipddpm.report.tables import (VARIANTS, Table, best_fit, fmt, fmt_loss, main_T,
                                    rel, study_tables)
 from dipddpm.runs import METRICS_FILE, SAMPLES_DIR, atomic_path, atomic_write_text, read_jsonl
 
@@ -28,30 +31,62 @@ REPORT_FILE = "REPORT.md"
 
 # ----------------------------------------------------------------------------- protocol tables
 
+def _current(res: dict) -> bool:
+    """Restoration results with FLOPs and intervals (older runs lack them: rerun jobs.restore)."""
+    return "gflop" in res and all("gflop_per_image" in r for t in res["tasks"].values()
+                                  for r in t["rows"])
+
+
 def restoration_tables(runs: Runs) -> list[Table]:
     out = []
     for run in runs["restoration"]:
         res = run.results
+        if not _current(res):
+            out.append(Table(f"restoration/{run.name}",
+                             f"Restoration (`{rel(run.path, runs.root)}`)",
+                             not_run="made by an older version (no FLOPs, intervals or deltas): "
+                                     "rerun python -m jobs.restore"))
+            continue
+        g = res["gflop"]
         for name, task in res["tasks"].items():
             t = Table(f"restoration/{name}", f"Restoration: {name} (`{rel(run.path, runs.root)}`)")
             t.intro = [f"N = {res.get('num_images')} {res.get('split', '')} images, T = "
-                       f"{res.get('T')}, device {res.get('device')}; direct start t* = "
-                       f"{task.get('t_star') or DASH}; DIP estimates {task.get('dip_source')}. "
-                       "PSNR mean ± std (dB), SSIM vs the clean image; s/image includes the DIP "
-                       "fit. Oracle rows need the clean image: upper bounds, not methods."]
-            t.columns = ["arm", "sampler", "t0", "K", "NFE", "DIP iters", "PSNR", "SSIM",
-                         "s/image"]
-            for r in task["rows"]:
-                t.rows.append([r["arm"] + (" (oracle)" if r.get("oracle") else ""),
-                               fmt(r.get("sampler")), fmt(r.get("t0")), fmt(r.get("steps")),
-                               str(r["nfe"]), f"{r['dip_iters']:.0f}",
-                               f"{r['psnr']:.2f} ± {r.get('psnr_std', 0.0):.2f}",
-                               fmt(r.get("ssim"), 3), f"{r['seconds_per_image']:.3f}"])
+                       f"{res.get('T')}, {res.get('observation')} observation, device "
+                       f"{res.get('device')}; compute = NFE x {g['unet_forward']:.3f} + DIP "
+                       f"iterations x {g['dip_iteration']:.3f} GFLOP. " + task_intro(res, task)
+                       + " PSNR with its bootstrap 95% interval; Δ: paired per-image difference "
+                       "to the best baseline at equal or lower GFLOP. Oracle rows need the clean "
+                       "image: upper bounds, not methods."]
+            t.columns = list(TABLE_COLUMNS)
+            t.rows = [table_cells(r) for r in task["rows"]]
+            if task.get("skipped"):
+                t.notes.append("Skipped: " + "; ".join(task["skipped"]))
             out.append(t)
     if not out:
         out.append(Table("restoration", "Restoration protocol",
                          not_run="no restoration run (python -m jobs.restore) under RUNS_DIR"))
     return out
+
+
+def answer_lines(runs: Runs) -> list[str]:
+    """The answer section: per restoration run, one sentence per task and sigma."""
+    usable = [r for r in runs["restoration"] if _current(r.results)]
+    if not usable:
+        return ["Not yet: no restoration run with FLOP accounting under this folder "
+                "(python -m jobs.restore)."]
+    lines = []
+    for run in usable:
+        if len(usable) > 1:
+            lines.append(f"From `{rel(run.path, runs.root)}`:")
+        lines += [f"- {s}" for s in (run.results.get("answer") or answer_sentences(run.results))]
+        lines.append("")
+    lines.append("Each sentence compares the best DIP start (a DDPM chain started from a DIP "
+                 "estimate diffused to sigma_t0) with the best baseline that needs no DIP at equal "
+                 "or lower GFLOP per image; the interval is a bootstrap over the same images. "
+                 "The break-even is the most DIP iterations a DIP start could cost and still "
+                 "match the baselines' front, given the reverse steps it saves. The figures "
+                 "`front_<task>.png` show every point against that front.")
+    return lines
 
 
 def generation_tables(runs: Runs) -> list[Table]:
@@ -131,28 +166,28 @@ def findings(runs: Runs) -> list[str]:
                        f"{v['train_seconds'] / max(d['train_seconds'], 1e-9):.2f}x DDPM's "
                        "training time.")
     for run in runs["restoration"]:
+        if not _current(run.results):
+            continue
         for name, task in run.results["tasks"].items():
             best = {}
             for r in task["rows"]:
                 if r.get("oracle"):
                     continue
-                if r["arm"] not in best or r["psnr"] > best[r["arm"]]["psnr"]:
+                key = task["primary"]
+                if r["arm"] not in best or r[key] > best[r["arm"]][key]:
                     best[r["arm"]] = r
-            parts = []
-            for arm, label in (("dip_start", "best DIP start"), ("direct", "direct start"),
-                               ("cheap_start", "blur start"), ("dip_budget", "DIP alone"),
-                               ("observation", "the observation")):
-                if arm in best:
-                    r = best[arm]
-                    how = ", ".join(x for x in (f"t0={r['t0']}" if r.get("t0") else "",
-                                                f"{r['nfe']} NFE" if r["nfe"] else "") if x)
-                    parts.append(f"{label} {r['psnr']:.2f} dB" + (f" ({how})" if how else ""))
+            what = "hole PSNR" if task["primary"] == "psnr_hole" else "PSNR"
+            parts = [f"{label} {best[arm][task['primary']]:.2f} dB "
+                     f"({best[arm]['gflop_per_image']:,.1f} GFLOP)"
+                     for arm, label in (("dip_start", "best DIP start"),
+                                        ("direct", "best direct start"),
+                                        ("noise_start", "best noise start"),
+                                        ("cheap_start", "best blur start"), ("dip", "DIP alone"),
+                                        ("observation", "the observation")) if arm in best]
             if parts:
-                out.append(f"Restoration {name}: " + ", ".join(parts) + ".")
-            if "dip_start" in best and "direct" in best:
-                gap = best["dip_start"]["psnr"] - best["direct"]["psnr"]
-                out.append(f"There the DIP start is {gap:+.2f} dB against the direct start "
-                           f"(which needs no DIP fit).")
+                out.append(f"Restoration {name} ({what}, best per arm, not at equal compute: "
+                           "the answer above compares at equal compute): " + ", ".join(parts)
+                           + ".")
     for run in runs["generation"]:
         res = run.results
         best = {}
@@ -201,10 +236,9 @@ def make_plots(runs: Runs, out_dir: Path) -> tuple[list, list]:
         made.append(("Loss curves", loss_curves_plot(out_dir / "loss_curves.png", curves,
                                                      title=f"Training loss at T = {T}")))
     for run in runs["restoration"]:
-        for f in ("psnr_vs_steps.png", "psnr_vs_time.png"):
-            if (run.path / f).is_file():
-                linked.append((f"Restoration {f[:-4].replace('_', ' ')} ({run.name})",
-                               run.path / f))
+        for f in sorted(run.path.glob("front_*.png")):
+            linked.append((f"Restoration {f.stem[len('front_'):]}: PSNR vs GFLOP and vs time, "
+                           f"the baselines' front ({run.name})", f))
     series, floors = [], []
     for run in runs["generation"]:
         res = run.results
@@ -262,7 +296,8 @@ def report_markdown(runs: Runs, study: list, protocols: list, found: list, image
     lines = ["# dipddpm report", "",
              f"Built from {runs.run_dirs} run dirs under this folder ({counts or 'none usable'}"
              f"; {len(runs.sampling)} sampling measurements), never from W&B.", "",
-             "## How to read this", ""]
+             "## The answer: does a DIP start pay off?", ""] + answer_lines(runs) + [
+             "", "## How to read this", ""]
     lines += [" ".join(found) if found else "No finished runs to compare yet.", "",
               "The study's numbers (FashionMNIST, Colab T4) stand beside ours; a table whose runs "
               "are missing says what is missing. The study's variant (DIP+DDPM) replaced the "

@@ -35,6 +35,8 @@ DASH = "—"
 # The sections that set what a training run computes, apart from where and how its data is read;
 # within them, neutral keys (dipddpm.config: logging, cadence, ...) do not tell runs apart either.
 _TRAINING = ("run", "model", "diffusion", "train", "dip")
+# ES-WMV settings only stop DIP fits, never the variant's few-iteration DIP noise
+_NOT_TRAINING = ("dip.es_window", "dip.es_patience")
 DIP_ROWS_AFTER_STUDY = 12  # a 3000-iteration fit records 60 points: thin those past 400
 
 
@@ -126,7 +128,8 @@ def main_T(runs: Runs) -> tuple[Optional[int], dict]:
 
 def setting(run: Run, varying: tuple) -> tuple:
     """What the run's config fixes, apart from `varying` and the keys that do not matter."""
-    keep = {k: v for k, v in result_keys(run.config, _TRAINING).items() if k not in varying}
+    keep = {k: v for k, v in result_keys(run.config, _TRAINING).items()
+            if k not in varying and k not in _NOT_TRAINING}
     return tuple(sorted((k, repr(v)) for k, v in keep.items()))
 
 
@@ -183,11 +186,18 @@ def dip_psnr_table(runs: Runs) -> Table:
             j = v["iters"].index(i) if i in v["iters"] else None
             row.append(DASH if j is None else f"{v['psnr_mean'][j]:.2f} ± {v['psnr_std'][j]:.2f}")
         t.rows.append(row)
-    for label, key in (("noisy input", "noisy_psnr"), ("oracle peak (needs the clean image)",
-                                                       "oracle_psnr"),
-                       ("ES-WMV pick", "es_wmv_psnr"), ("budget (last iteration)",
-                                                        "budget_psnr")):
-        t.rows.append([label, DASH] + [fmt(v.get(key)) for v in sig.values()])
+    for label, key in (("noisy input", "noisy_psnr"),
+                       ("raw: oracle peak (needs the clean image)", "oracle_raw_psnr"),
+                       ("raw: ES-WMV pick", "es_wmv_psnr"),
+                       ("EMA: oracle peak (needs the clean image)", "oracle_psnr"),
+                       ("EMA at ES-WMV's pick", "es_wmv_ema_psnr"),
+                       ("ES-WMV cost (iterations: pick + patience)", "es_wmv_cost_iters"),
+                       ("budget (last iteration)", "budget_psnr")):
+        # older results lack the raw oracle and the EMA at ES-WMV's pick: a dash
+        t.rows.append([label, DASH] + [fmt(v.get(key), 0 if "cost" in key else 2)
+                                       for v in sig.values()])
+    t.notes.append("ES-WMV is compared like with like: its raw output against the raw "
+                   "output's oracle, the EMA at its pick against the EMA's oracle.")
     return t
 
 
