@@ -225,7 +225,8 @@ class Tracker:
 
     def _replay(self, rows: list[dict]) -> None:
         """Rows of metrics.jsonl that W&B never received, in order (the steps after its floor)."""
-        missed = [r for r in rows if isinstance(r.get("step"), int) and r["step"] > self._wandb_floor]
+        floor = self._wandb_floor
+        missed = [r for r in rows if isinstance(r.get("step"), int) and r["step"] > floor]
         for row in missed:
             self._to_wandb({k: v for k, v in row.items() if k != "step"}, row["step"])
         if missed and self._run is not None:
@@ -284,7 +285,7 @@ def _wandb_last_step(run_dir: Path, rows: list[dict]) -> int:
         return -1
     try:
         steps = [h["_step"] for h in read_wandb_offline(run_dir)["history"] if "_step" in h]
-    except (OSError, WandbFileError) as e:
+    except Exception as e:  # W&B never takes a job down (a bad file, a changed format, ...)
         print(f"dipddpm: W&B: cannot read the earlier W&B files ({e}); not replaying "
               f"{METRICS_FILE} into W&B", file=sys.stderr, flush=True)
         steps = [r["step"] for r in rows if isinstance(r.get("step"), int)]
@@ -453,7 +454,9 @@ def wandb_vs_metrics(run_dir) -> list[str]:
         if step not in history:
             out.append(f"step {step}: in {METRICS_FILE}, not in W&B")
         elif step not in lines:
-            if any(not k.startswith("_") and not isinstance(v, dict) for k, v in history[step].items()):
+            scalars = [k for k, v in history[step].items()
+                       if not k.startswith("_") and not isinstance(v, dict)]
+            if scalars:
                 out.append(f"step {step}: in W&B, not in {METRICS_FILE}")
         else:
             differ = {k: (v, history[step].get(k)) for k, v in lines[step].items()

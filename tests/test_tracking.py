@@ -175,7 +175,8 @@ import psutil
 from dipddpm.config import Config, RunConfig, WandbConfig
 from dipddpm.tracking import Tracker
 
-run_dir, keep, first, last, then = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+run_dir, keep, then = sys.argv[1], sys.argv[2], sys.argv[5]
+first, last = int(sys.argv[3]), int(sys.argv[4])
 cfg = Config(run=RunConfig(dir=run_dir, seed=3), wandb=WandbConfig(mode="offline"))
 with Tracker(run_dir, cfg, job_type="t", keep_rows=None if keep == "all" else int(keep)) as tr:
     for step in range(first, last):
