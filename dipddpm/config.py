@@ -558,10 +558,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _set_dotted(tree: dict, sources: dict, key: str, value, source: str) -> None:
     parts = key.split(".")
     node = tree
-    for part in parts[:-1]:
+    for n, part in enumerate(parts[:-1], 1):
         child = node.get(part)
         if not isinstance(child, dict):
             child = node[part] = {}
+            sources[".".join(parts[:n])] = source  # a section this override made up
         node = child
     node[parts[-1]] = value
     _mark(sources, key, value, source)
@@ -618,12 +619,16 @@ def _build(cls, tree: dict, sources: dict, prefix: str, default_source: str):
     for key, value in tree.items():
         if key not in names:
             dotted = f"{prefix}{key}"
+            source = sources.get(dotted, default_source)
+            while source == CLI and isinstance(value, dict) and value:
+                sub, value = next(iter(value.items()))  # name an override as typed
+                dotted = f"{dotted}.{sub}"
+            rest = dotted[len(f"{prefix}{key}"):]
             close = difflib.get_close_matches(str(key), sorted(names), n=1)
-            hint = f"did you mean {prefix}{close[0]}?" if close else \
+            hint = f"did you mean {prefix}{close[0]}{rest}?" if close else \
                 f"{prefix.rstrip('.') or 'top level'} has {', '.join(sorted(names))}"
             shown = value[0] if isinstance(value, tuple) else value
-            raise _error(sources.get(dotted, default_source), dotted, shown,
-                         f"unknown key; {hint}")
+            raise _error(source, dotted, shown, f"unknown key; {hint}")
     obj = cls()
     for f in dataclasses.fields(cls):
         if f.name not in tree:

@@ -6,6 +6,24 @@ a resumed job reuses the run id stored in `wandb_id.txt` so it continues the sam
 `read_wandb_offline` reads an offline run back without W&B's servers (tests, and a check
 that W&B saw what metrics.jsonl says).
 
+Resuming (one mechanism for every job that checkpoints: training, priors, selftest). A job
+stores `tracker.rows` (the metrics.jsonl rows written so far) with each checkpoint and, when it
+resumes from that checkpoint, passes it back as `Tracker(..., keep_rows=N)`. Rows after the
+first N describe work the checkpoint does not hold; the job redoes that work and logs it again,
+so they are cut first, and every step appears in metrics.jsonl exactly once, whatever killed
+the job (kill -9, scancel, a requeue, a failing node). A line torn by a kill is dropped too.
+Then the W&B run gets, in step order, every row of metrics.jsonl it never received: steps the
+killed process had not flushed, or logged after W&B failed. W&B keeps one history row per
+step and never takes a step twice: steps it already holds are not sent again (a redone step
+that W&B had received before the kill keeps its first values there; metrics.jsonl has the
+redone ones). Images and tables go to W&B only and are not replayed.
+
+W&B never takes a job down. Any error from W&B (its service killed by the SIGTERM that SLURM
+sends on scancel or requeue, a network failure online, a full disk) is reported in one line on
+stderr and turns W&B off for the rest of the process; metrics.jsonl goes on, and an exception
+of the job itself propagates unchanged (finish() cannot replace it with W&B's). The next
+resume replays what W&B missed.
+
 wandb is imported only inside the Tracker: `import dipddpm.tracking` stays cheap.
 """
 from __future__ import annotations
@@ -16,18 +34,19 @@ import re
 import secrets
 import string
 import struct
+import sys
 import time
 import warnings
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from dipddpm.runs import METRICS_FILE, append_jsonl, atomic_write_text
+from dipddpm.runs import METRICS_FILE, append_jsonl, atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:
     from dipddpm.config import Config
 
-WANDB_DIR = "wandb"  # run_dir/wandb: everything W&B writes, see DESIGN.md "Run dir"
+WANDB_DIR = "wandb"  # run_dir/wandb: everything W&B writes
 WANDB_ID_FILE = "wandb_id.txt"
 _RUN_DIRS = (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"))
 # Read once, before any Tracker sets them: only these are the user's own choices.
@@ -55,18 +74,31 @@ def _plain(value: Any) -> Any:
 
 
 class Tracker:
-    """Writes `run_dir/metrics.jsonl` and logs to W&B; `enabled=False` (non-main ranks) is a no-op."""
+    """Writes `run_dir/metrics.jsonl` and logs to W&B; `enabled=False` (non-main ranks) is a no-op.
 
-    def __init__(self, run_dir, cfg: "Config", job_type: str, enabled: bool = True):
+    keep_rows: resuming from a checkpoint saved when metrics.jsonl had this many rows (the
+    `rows` of the Tracker then): later rows are cut, and W&B gets the rows it missed (see the
+    module docstring). None keeps every row (a fresh run, or a job that logs once per step
+    and skips the steps in `logged_steps`).
+    """
+
+    def __init__(self, run_dir, cfg: "Config", job_type: str, enabled: bool = True,
+                 keep_rows: Optional[int] = None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._run = None
         self._wandb = None
-        self._last_step = 0
+        self._last_step = 0  # the latest step W&B holds (log_table without a step joins it)
+        self._wandb_floor = -1  # W&B held every step up to here before this process started
+        self._rows = 0
+        self._steps: set[int] = set()
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
+        rows = rewind_metrics(self.metrics_path, keep_rows)
+        self._rows = len(rows)
+        self._steps = {r["step"] for r in rows if isinstance(r.get("step"), int)}
         w = cfg.wandb
         if w.mode == "disabled":
             return  # metrics.jsonl only; wandb is not even imported
@@ -80,28 +112,48 @@ class Tracker:
             if var not in _USER_SET:
                 os.environ[var] = str(wandb_dir / sub)
         os.environ.setdefault("WANDB_SILENT", "true")
+        held = _wandb_last_step(self.run_dir, rows)  # before init adds this session's file
 
-        import wandb  # late: slow import, and only the main rank with W&B on pays it
+        def init():
+            import wandb  # late: slow import, and only the main rank with W&B on pays it
 
-        self._wandb = wandb
-        self._run = wandb.init(
-            dir=str(self.run_dir),  # wandb appends "wandb/" itself
-            project=w.project,
-            entity=w.entity or None,
-            group=w.group or None,
-            job_type=w.job_type or job_type,
-            name=w.name or self.run_dir.resolve().name,
-            tags=list(w.tags) or None,
-            config=cfg.to_dict(),
-            id=_run_id(self.run_dir),
-            resume="allow",
-            mode=w.mode,
-            # console="off": W&B would otherwise wrap stdout/stderr, which garbles job logs
-            settings=wandb.Settings(silent=True, console="off", disable_git=True),
-        )
-        self._last_step = self._run.step
+            self._wandb = wandb
+            return wandb.init(
+                dir=str(self.run_dir),  # wandb appends "wandb/" itself
+                project=w.project,
+                entity=w.entity or None,
+                group=w.group or None,
+                job_type=w.job_type or job_type,
+                name=w.name or self.run_dir.resolve().name,
+                tags=list(w.tags) or None,
+                config=cfg.to_dict(),
+                id=_run_id(self.run_dir),
+                resume="allow",
+                mode=w.mode,
+                # console="off": W&B would otherwise wrap stdout/stderr, which garbles job logs
+                settings=wandb.Settings(silent=True, console="off", disable_git=True),
+            )
+
+        self._run = self._guard("init", init)
+        if self._run is None:
+            return
+        # online, the server knows the resumed run's next step; offline, the local files do
+        next_step = self._guard("init", lambda: self._run.step)
+        self._wandb_floor = max(held, (next_step or 0) - 1)
+        self._last_step = max(self._wandb_floor, 0)
+        self._replay(rows)
 
     # -------------------------------------------------------------------------- logging
+
+    @property
+    def rows(self) -> int:
+        """Rows in metrics.jsonl so far: store it with a checkpoint, pass it back as keep_rows."""
+        return self._rows
+
+    @property
+    def logged_steps(self) -> frozenset:
+        """The steps metrics.jsonl holds a row for."""
+        return frozenset(self._steps)
 
     def log(self, metrics: dict, step: int) -> None:
         """One line in metrics.jsonl ({"step": step, **metrics}) and one W&B history step."""
@@ -109,34 +161,35 @@ class Tracker:
             return
         metrics = {k: _plain(v) for k, v in metrics.items()}
         append_jsonl(self.metrics_path, {"step": int(step), **metrics})
-        self._last_step = max(self._last_step, int(step))
-        if self._run is not None:
-            self._run.log(metrics, step=int(step))
+        self._rows += 1
+        self._steps.add(int(step))
+        self._to_wandb(metrics, int(step))
 
     def log_image(self, key: str, png_path, step: int) -> None:
         """Log a PNG already written to the run dir (the file there is the artifact; W&B copies it)."""
-        if not self.enabled or self._run is None:
-            return
-        self._last_step = max(self._last_step, int(step))
-        self._run.log({key: self._wandb.Image(str(png_path))}, step=int(step))
+        if self._run is not None:
+            self._to_wandb(lambda: {key: self._wandb.Image(str(png_path))}, int(step))
 
     def log_table(self, key: str, columns: list, rows: list, step: Optional[int] = None) -> None:
         """A W&B table; without `step` it joins the latest step, so it never moves W&B's step on."""
-        if not self.enabled or self._run is None:
+        if self._run is None:
             return
-        table = self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])
-        step = self._last_step if step is None else int(step)
-        self._last_step = max(self._last_step, step)
-        self._run.log({key: table}, step=step)
+        if step is None:  # the latest step, unless W&B committed it before this process
+            step = self._last_step if self._last_step > self._wandb_floor else self._wandb_floor + 1
+        self._to_wandb(lambda: {key: self._wandb.Table(columns=list(columns),
+                                                       data=[list(r) for r in rows])}, step)
 
     def summary(self, values: dict) -> None:
-        if not self.enabled or self._run is None:
-            return
-        self._run.summary.update({k: _plain(v) for k, v in values.items()})
+        if self._run is not None:
+            values = {k: _plain(v) for k, v in values.items()}
+            self._guard("summary", lambda: self._run.summary.update(values))
 
     def finish(self, exit_code: int = 0) -> None:
-        if self._run is not None:
-            run, self._run = self._run, None
+        if self._run is None:
+            return
+        run, self._run = self._run, None
+
+        def close():
             wandb_file = Path(run.dir).parent / f"run-{run.id}.wandb"
             run.finish(exit_code=exit_code)
             # wandb-core writes the last history step and the exit record after finish()
@@ -147,6 +200,8 @@ class Tracker:
             # jobs) read them again and keep its files with its own run.
             self._wandb.teardown()
 
+        self._guard("finish", close)
+
     @property
     def run_id(self) -> Optional[str]:
         return self._run.id if self._run is not None else None
@@ -156,6 +211,85 @@ class Tracker:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.finish(exit_code=0 if exc_type is None else 1)
+
+    # -------------------------------------------------------------------------- W&B, guarded
+
+    def _to_wandb(self, data: dict | Callable[[], dict], step: int) -> None:
+        """Send one step's values, unless W&B holds a later step (it would refuse them) or
+        held this one before this process started (it would keep a second row for it)."""
+        if self._run is None or step <= self._wandb_floor or step < self._last_step:
+            return
+        self._guard(f"log at step {step}",
+                    lambda: self._run.log(data() if callable(data) else data, step=step))
+        self._last_step = step
+
+    def _replay(self, rows: list[dict]) -> None:
+        """Rows of metrics.jsonl that W&B never received, in order (the steps after its floor)."""
+        floor = self._wandb_floor
+        missed = [r for r in rows if isinstance(r.get("step"), int) and r["step"] > floor]
+        for row in missed:
+            self._to_wandb({k: v for k, v in row.items() if k != "step"}, row["step"])
+        if missed and self._run is not None:
+            print(f"dipddpm: W&B: replayed {len(missed)} row(s) of {METRICS_FILE} it had not "
+                  f"received (steps {missed[0]['step']}-{missed[-1]['step']})", file=sys.stderr,
+                  flush=True)
+
+    def _guard(self, what: str, call: Callable[[], Any]) -> Any:
+        """call(), or None after reporting a W&B error in one line and turning W&B off."""
+        try:
+            return call()
+        except (Exception, SystemExit) as e:  # wandb's teardown may sys.exit(its exit code)
+            self._run = None
+            print(f"dipddpm: W&B failed ({what}): {type(e).__name__}: {e}; W&B is off for the "
+                  f"rest of this process, {METRICS_FILE} goes on (a resumed run replays what "
+                  "W&B missed)", file=sys.stderr, flush=True)
+            if self._wandb is not None:
+                try:  # unregisters W&B's exit hook, which would raise the same error again
+                    self._wandb.teardown()
+                except (Exception, SystemExit):
+                    pass
+            return None
+
+
+def rewind_metrics(path, keep_rows: Optional[int] = None) -> list[dict]:
+    """The rows of a metrics.jsonl, cut to the first keep_rows (None: all) and without a torn
+    last line; the file is rewritten (atomically) only when that changes it."""
+    path = Path(path)
+    rows = read_jsonl(path)
+    if keep_rows is not None:
+        rows = rows[:max(int(keep_rows), 0)]
+    if path.exists():
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if path.read_text() != text:
+            atomic_write_text(path, text)
+    return rows
+
+
+def rows_through_step(path, step: int, after: Callable[[dict], bool] = lambda row: False) -> int:
+    """How many leading rows of a metrics.jsonl have step <= `step`, skipping the rows of that
+    step that `after(row)` says were logged after its checkpoint: keep_rows for a checkpoint
+    that did not record `rows` (written by an older version of a job)."""
+    n = 0
+    for row in read_jsonl(path):
+        s = row.get("step", 0)
+        if s > step or (s == step and after(row)):
+            break
+        n += 1
+    return n
+
+
+def _wandb_last_step(run_dir: Path, rows: list[dict]) -> int:
+    """The last history step in the W&B files already under run_dir (-1 if none). A file W&B
+    cannot read back counts as holding every row of metrics.jsonl: nothing is replayed."""
+    if not any(Path(run_dir).glob(f"{WANDB_DIR}/*run-*/run-*.wandb")):
+        return -1
+    try:
+        steps = [h["_step"] for h in read_wandb_offline(run_dir)["history"] if "_step" in h]
+    except Exception as e:  # W&B never takes a job down (a bad file, a changed format, ...)
+        print(f"dipddpm: W&B: cannot read the earlier W&B files ({e}); not replaying "
+              f"{METRICS_FILE} into W&B", file=sys.stderr, flush=True)
+        steps = [r["step"] for r in rows if isinstance(r.get("step"), int)]
+    return max(steps, default=-1)
 
 
 # ----------------------------------------------------------------------------- reading back
@@ -301,3 +435,33 @@ def read_wandb_offline(run_dir) -> dict:
                 _apply(out["summary"], record.summary)
     out["config"].pop("_wandb", None)
     return out
+
+
+def wandb_vs_metrics(run_dir) -> list[str]:
+    """Where the W&B files under run_dir disagree with its metrics.jsonl, one line each (none:
+    they agree). W&B holds one history row per step with the values of every metrics line of
+    that step; it may hold more (images, tables, its own `_` keys), never a step twice."""
+    lines: dict[int, dict] = {}
+    for row in read_jsonl(Path(run_dir) / METRICS_FILE):
+        lines.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k != "step"})
+    history: dict[int, dict] = {}
+    out = []
+    for h in read_wandb_offline(run_dir)["history"]:
+        if h["_step"] in history:
+            out.append(f"step {h['_step']}: two W&B history rows")
+        history[h["_step"]] = h
+    for step in sorted(set(lines) | set(history)):
+        if step not in history:
+            out.append(f"step {step}: in {METRICS_FILE}, not in W&B")
+        elif step not in lines:
+            scalars = [k for k, v in history[step].items()
+                       if not k.startswith("_") and not isinstance(v, dict)]
+            if scalars:
+                out.append(f"step {step}: in W&B, not in {METRICS_FILE}")
+        else:
+            differ = {k: (v, history[step].get(k)) for k, v in lines[step].items()
+                      if history[step].get(k) != v}
+            if differ:
+                out.append(f"step {step}: {METRICS_FILE} vs W&B: {differ}")
+    return out
+

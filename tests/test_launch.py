@@ -266,3 +266,65 @@ def test_a_timeout_signal_after_the_job_returned_is_ignored(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "requeued" not in proc.stdout and "finished 2" in proc.stdout
+
+
+def test_resume_of_a_local_submission_runs_only_the_unfinished_task(tmp_path):
+    from dipddpm.launch.submit import submit
+    from launch.submit import main as submit_main
+
+    grid = write_grid(tmp_path / "g.yaml", {"axes": {"launch.selftest_steps": [1, 2]}})
+    plan = make_plan("selftest", str(BASE), grid=str(grid), name="r",
+                     overrides=[f"launch.folder={tmp_path}", *QUICK[1:]])
+    blocker = Path(plan.tasks[0].run_dir)  # the first task's run dir is a file: it fails
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("in the way")
+    assert submit(plan, "local")[0]["states"] == ["FAILED", "COMPLETED"]
+    folder = Path(plan.folder)
+    second = read_json(Path(plan.tasks[1].run_dir) / "results.json")
+    blocker.unlink()
+    submit_main(["--resume", str(folder)])
+    record = load_record(str(folder))
+    assert record["states"] == ["COMPLETED", "COMPLETED"]
+    assert record["job_ids"] == ["local-0-2", "local-1"]
+    assert record["resumed"][0]["tasks"] == [0] and record["resumed"][0]["states"] == ["FAILED"]
+    assert read_json(Path(plan.tasks[1].run_dir) / "results.json") == second  # not rerun
+    rows = collect(record)
+    assert [(r["state"], r["attempt"], r["steps"]) for r in rows] == \
+        [("COMPLETED", 2, 1), ("COMPLETED", 1, 2)]
+    proc = cli("launch.submit", "--resume", str(folder))  # nothing left to do
+    assert proc.returncode == 0 and "nothing to resume (2 of 2 task(s) COMPLETED)" in proc.stdout
+    proc = cli("launch.submit", "--resume", str(folder), "run.seed=4")
+    assert proc.returncode == 2 and "only launch.* (resources) may change" in proc.stderr
+
+
+@pytest.mark.parametrize("content", ['{"name": "x"}', "[1, 2]",
+                                     '{"name": "x", "job": "selftest", "folder": "f", '
+                                     '"executor": "slurm", "tasks": [{}], "job_ids": ["1_0"]}'])
+def test_status_of_a_json_that_is_no_submission_is_one_line(tmp_path, content):
+    (tmp_path / "submission.json").write_text(content)
+    for proc in (cli("launch.status", str(tmp_path)),
+                 cli("launch.submit", "--resume", str(tmp_path))):
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "not a submission record" in lines[0], proc.stderr
+
+
+def test_an_unknown_section_is_blamed_on_the_command_line(tmp_path):
+    proc = cli("launch.submit", "selftest", "--config", str(BASE), f"launch.folder={tmp_path}",
+               "nosuchsection.x=1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: command line: nosuchsection.x = '1': unknown key; "
+                                   "top level has " + ", ".join(sorted(vars(load_config(None)))))
+    assert list(tmp_path.iterdir()) == []  # nothing submitted, no folder
+    with pytest.raises(ConfigError, match=r"command line: trian.lr = '1': .*mean train.lr\?"):
+        load_config(BASE, ["trian.lr=1"])
+
+
+def test_sbatch_templates_name_configs_that_exist():
+    import re
+
+    for template in sorted((REPO / "slurm").glob("*.sbatch")):
+        named = re.findall(r"configs/[\w/.-]+\.yaml", template.read_text())
+        assert named, template
+        for config in named:
+            assert (REPO / config).is_file(), f"{template.name} names {config}"

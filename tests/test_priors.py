@@ -95,3 +95,18 @@ def test_killed_task_resumes_after_the_last_sub_batch(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert sha256_file(fresh / "priors/small/test-000000.tar") == resumed
     assert not partial.exists()
+
+
+def test_a_rerun_logs_each_shard_once(data_dir, tmp_path):
+    """A rerun (after a requeue, or of a finished task) keeps the shard lines there are."""
+    from dipddpm.runs import read_jsonl
+    from jobs.precompute_priors import main
+
+    argv = ["--config", "configs/priors.yaml", f"data.dir={data_dir}", f"run.dir={tmp_path}/r",
+            *SMALL]
+    main(argv)
+    first = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert [(m["step"], m["shard"], m["skipped"]) for m in first] == \
+        [(0, "test-000000.tar", False), (1, "test-000001.tar", False)]
+    main(argv)
+    assert read_jsonl(tmp_path / "r" / "metrics.jsonl") == first

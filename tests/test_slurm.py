@@ -17,9 +17,10 @@ import submitit
 import yaml
 
 from dipddpm.launch.plan import make_plan
-from dipddpm.launch.status import collect, task_states, wait
+from dipddpm.launch.status import collect, load_record, task_states, wait
 from dipddpm.launch.submit import submit
 from dipddpm.runs import read_json, read_jsonl
+from dipddpm.tracking import wandb_vs_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = str(REPO / "configs" / "base.yaml")
@@ -148,7 +149,8 @@ def test_preempted_task_requeues_and_resumes(plan_for):
     assert wait(record, timeout_s=120) == ["COMPLETED"]
     results = read_json(Path(plan.tasks[0].run_dir) / "results.json")
     assert results["steps"] == 12 and results["starts"] == 2
-    assert len(read_jsonl(Path(plan.tasks[0].run_dir) / "metrics.jsonl")) <= 13
+    counts = [m["count"] for m in read_jsonl(Path(plan.tasks[0].run_dir) / "metrics.jsonl")]
+    assert counts == list(range(1, 13))  # every step exactly once
 
 
 def test_cancelled_task_leaves_no_result_and_does_not_hang(plan_for):
@@ -241,8 +243,58 @@ def test_timed_out_task_requeues_and_resumes_from_its_checkpoint(timeout_run):
     assert results["steps"] == TIMEOUT_STEPS
     assert results["starts"] >= 2  # requeued at least once ...
     counts = [m["count"] for m in read_jsonl(run_dir / "metrics.jsonl")]
-    assert sorted(set(counts)) == list(range(1, TIMEOUT_STEPS + 1))  # ... carried on, not restarted
-    assert len(counts) <= TIMEOUT_STEPS + results["starts"]  # repeats only where a signal cut a step
+    assert counts == list(range(1, TIMEOUT_STEPS + 1))  # ... carried on, each step once
     log = "".join(p.read_text() for p in Path(plan.folder, "logs").rglob("*_log.err"))
     assert "this job is timed-out" in log  # submitit saw a timeout, not a preemption
     assert jobs[0].result()["steps"] == TIMEOUT_STEPS
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_cancel_and_requeue_then_resume_finish_every_task_once(slurm_cluster, tmp_path):
+    """Three tasks with W&B on (offline), as a user runs them: submit exits 0 once queued; one
+    task is scancelled, one requeued by scontrol (both send SIGTERM, which also reaches W&B's
+    service), one left alone. The requeued one finishes by itself; `--resume` finishes the
+    cancelled one in its run dir. Every metrics.jsonl has each step once, W&B the same rows."""
+    steps = 24
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"axes": {"run.seed": [1, 2, 3]}}))
+    proc = _cli("launch.submit", "selftest", "--config", BASE, "--grid", str(grid), "--name",
+                "survive", f"launch.folder={tmp_path}", "launch.mem_gb=0.5",
+                f"launch.selftest_steps={steps}", "launch.selftest_step_s=0.5",
+                "wandb.mode=offline")
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # queued is not failed
+    assert "3 task(s) queued as array job" in proc.stdout
+    folder = tmp_path / "survive"
+    record = load_record(str(folder))
+    SUBMITTED.update(record["job_ids"])
+    run_dirs = [Path(t["run_dir"]) for t in record["tasks"]]
+    deadline = time.monotonic() + 120
+    while not all(len(read_jsonl(d / "metrics.jsonl")) >= 3 for d in run_dirs[:2]):
+        assert time.monotonic() < deadline, "the tasks never started"
+        time.sleep(0.3)
+    subprocess.run(["scancel", record["job_ids"][0]], check=True)
+    subprocess.run(["scontrol", "requeue", record["job_ids"][1]], check=True)
+    states = wait(record, timeout_s=240)
+    assert states == ["CANCELLED", "COMPLETED", "COMPLETED"]
+    assert not (run_dirs[0] / "results.json").exists()
+
+    proc = _cli("launch.submit", "--resume", str(folder), "--wait")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resubmitted 1 task(s) of survive" in proc.stdout
+    assert "[0] seed=1 (CANCELLED)" in proc.stdout
+    proc = _cli("launch.status", str(folder), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [(r["state"], r["attempt"], r["steps"]) for r in rows] == \
+        [("COMPLETED", 2, steps), ("COMPLETED", 1, steps), ("COMPLETED", 1, steps)]
+    assert rows[0]["job_id"] != record["job_ids"][0]  # the latest attempt's job
+    for run_dir, starts in zip(run_dirs, ([2], [2], [1])):
+        counts = [m["count"] for m in read_jsonl(run_dir / "metrics.jsonl")]
+        assert counts == list(range(1, steps + 1)), run_dir
+        assert wandb_vs_metrics(run_dir) == [], run_dir
+        assert read_json(run_dir / "results.json")["starts"] in starts

@@ -16,7 +16,8 @@ from PIL import Image
 
 from dipddpm.config import Config, RunConfig, WandbConfig
 from dipddpm.runs import read_jsonl
-from dipddpm.tracking import WANDB_ID_FILE, Tracker, WandbFileError, read_wandb_offline
+from dipddpm.tracking import (WANDB_ID_FILE, Tracker, WandbFileError, read_wandb_offline,
+                               rewind_metrics, rows_through_step, wandb_vs_metrics)
 
 BIG_NOTE = "x" * 70_000  # a record over two 32 KiB blocks: FIRST/MIDDLE/LAST pieces
 FIRST_STEPS = range(0, 300, 3)
@@ -162,3 +163,87 @@ def test_import_does_not_import_wandb():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------- resume, failures
+# Real processes: a job logging through a Tracker, killed (-9) or with W&B's service killed
+# (the SIGTERM that SLURM sends on scancel or requeue reaches it too), then resumed.
+
+JOB = """
+import os, signal, sys, time
+import psutil
+from dipddpm.config import Config, RunConfig, WandbConfig
+from dipddpm.tracking import Tracker
+
+run_dir, keep, then = sys.argv[1], sys.argv[2], sys.argv[5]
+first, last = int(sys.argv[3]), int(sys.argv[4])
+cfg = Config(run=RunConfig(dir=run_dir, seed=3), wandb=WandbConfig(mode="offline"))
+with Tracker(run_dir, cfg, job_type="t", keep_rows=None if keep == "all" else int(keep)) as tr:
+    for step in range(first, last):
+        if step == (first + last) // 2 and then == "term-wandb":
+            for p in psutil.Process().children(recursive=True):
+                if p.name() == "wandb-core":
+                    p.send_signal(signal.SIGTERM)
+                    p.wait(10)
+        tr.log({"loss": 1.0 / (step + 3), "step_sq": step * step}, step=step)
+    print("logged", tr.rows, flush=True)
+    if then == "hang":
+        time.sleep(600)
+    if then == "term-wandb":
+        raise RuntimeError("the job's own error")
+"""
+
+
+def _job(run_dir, keep, first, last, then="finish", **kw):
+    return subprocess.Popen([sys.executable, "-c", JOB, str(run_dir), str(keep), str(first),
+                             str(last), then], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _steps(rows, key="step"):
+    return [r[key] for r in rows]
+
+
+def test_kill_9_then_resume_cuts_redone_rows_and_replays_what_wandb_missed(tmp_path):
+    import os
+    import signal
+
+    run = tmp_path / "run"
+    proc = _job(run, "all", 0, 12, "hang", start_new_session=True)
+    assert proc.stdout.readline().split() == ["logged", "12"], proc.stderr.read()
+    os.killpg(proc.pid, signal.SIGKILL)  # the job and W&B's service, as a node failure would
+    proc.wait()
+    held = [h["_step"] for h in read_wandb_offline(run)["history"]]
+    assert len(held) < 12  # W&B had not flushed them all: without a replay they stay lost
+    # the job's checkpoint had seen 9 rows: steps 9-11 are redone and logged again
+    out, err = _job(run, 9, 9, 15).communicate(timeout=120)
+    assert out.split() == ["logged", "15"], err
+    assert _steps(read_jsonl(run / "metrics.jsonl")) == list(range(15))  # each step once
+    assert _steps(read_wandb_offline(run)["history"], "_step") == list(range(15))
+    assert wandb_vs_metrics(run) == []  # value for value
+    assert "replayed" in err
+
+
+def test_a_wandb_failure_neither_stops_the_job_nor_hides_its_error(tmp_path):
+    run = tmp_path / "run"
+    out, err = _job(run, "all", 0, 10, "term-wandb").communicate(timeout=120)
+    assert out.split() == ["logged", "10"], err  # every step logged after W&B died
+    assert _steps(read_jsonl(run / "metrics.jsonl")) == list(range(10))
+    assert err.count("W&B failed") == 1 and err.count("\n") < 30, err  # one line, no W&B trace
+    assert err.rstrip().endswith("RuntimeError: the job's own error")  # its own, unhidden
+    assert "ConnectionResetError" not in err.split("W&B failed")[1].split("\n", 1)[1]
+    out, err = _job(run, 10, 10, 13).communicate(timeout=120)  # the resumed job
+    assert out.split() == ["logged", "13"], err
+    assert _steps(read_wandb_offline(run)["history"], "_step") == list(range(13))
+    assert wandb_vs_metrics(run) == []
+
+
+def test_rewind_metrics_cuts_and_drops_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    assert rewind_metrics(path) == [{"step": 1}, {"step": 2}, {"step": 3}]
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'  # appends stay readable
+    assert rewind_metrics(path, 2) == [{"step": 1}, {"step": 2}]
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert rows_through_step(path, 1) == 1 and rows_through_step(path, 5) == 2
+    assert rows_through_step(path, 2, after=lambda row: row["step"] == 2) == 1

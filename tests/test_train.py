@@ -236,3 +236,30 @@ def test_bf16_autocast_keeps_the_loss_curve_of_fp32(full_run, tiny_shards, tmp_p
     a, b = np.array([r[2] for r in fp32]), np.array([r[2] for r in bf16])
     assert np.all(np.abs(a - b) <= 0.05 * a), (a, b)
     assert not np.array_equal(a, b)  # it did run in bf16
+
+
+def test_a_resume_on_an_epoch_boundary_logs_every_line_once(tiny_shards, tmp_path):
+    """Checkpoints every epoch (64 images, 8 steps): the epoch line of step 8 is written while
+    step 9 runs, after checkpoint 8. A kill during the save of checkpoint 10 leaves its .tmp
+    folder; the rerun resumes from 8, cuts what came after it, and logs each line once: with
+    the rows count the checkpoint records, and from a checkpoint written before it did."""
+    run = tmp_path / "run"
+    train(run, tiny_shards, "train.max_steps=10", "train.num_samples=0")
+    first = read_jsonl(run / "metrics.jsonl")
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["img-000000000064", "img-000000000080"]
+    state_file = ckpts / "img-000000000064" / "train_state.json"
+    timing = ("img_per_s", "epoch_time_s")
+    for recorded in (True, False):
+        (ckpts / "img-000000000080").rename(ckpts / ".tmp-img-000000000080")  # killed mid-save
+        if not recorded:  # as written before train_state.json held metrics_rows
+            state = json.loads(state_file.read_text())
+            state.pop("metrics_rows")
+            state_file.write_text(json.dumps(state))
+        r = train(run, tiny_shards, "train.max_steps=10", "train.num_samples=0")
+        assert "resumed from img-000000000064" in r.stdout
+        again = read_jsonl(run / "metrics.jsonl")
+        assert [(m["step"], m["epoch"]) for m in again if "epoch_time_s" in m] == [(8, 1)]
+        assert [m["step"] for m in again if "loss" in m] == list(range(1, 11))
+        assert [{k: v for k, v in m.items() if k not in timing} for m in again] == \
+            [{k: v for k, v in m.items() if k not in timing} for m in first]  # bit-exact redo

@@ -2,7 +2,8 @@
 
 It does what every real job does, at no cost: writes the resolved config first, counts to
 `launch.selftest_steps` with a checkpoint after each step (sleeping `launch.selftest_step_s`
-per step), logs one metrics line per step through the Tracker, and writes results.json last,
+per step), logs one metrics line per step through the Tracker (the checkpoint records the
+Tracker's rows, so a resume logs every step exactly once), and writes results.json last,
 atomically, so a killed or cancelled run never looks complete. Rerun with the same run.dir, it
 continues from its checkpoint; `starts` in the results counts how often it was (re)started.
 
@@ -45,12 +46,14 @@ def run_selftest(cfg: Config) -> dict:
     main = rank == 0
     run_dir = prepare_run_dir(cfg, main_process=main)
     state_path = Path(run_dir) / CHECKPOINTS_DIR / STATE_FILE
-    state = {"step": 0, "starts": 0}
+    state = {"step": 0, "starts": 0, "metrics_rows": 0}
     if cfg.run.resume and state_path.exists():
         state = read_json(state_path)
     state["starts"] += 1
     steps = cfg.launch.selftest_steps
-    tracker = Tracker(run_dir, cfg, job_type="selftest", enabled=main)
+    # rows after the checkpoint's are cut (a kill between a log and its checkpoint)
+    keep_rows = state.get("metrics_rows", state["step"]) if cfg.run.resume else None
+    tracker = Tracker(run_dir, cfg, job_type="selftest", enabled=main, keep_rows=keep_rows)
     try:
         if main:
             atomic_write_json(state_path, state)
@@ -59,6 +62,7 @@ def run_selftest(cfg: Config) -> dict:
             state["step"] += 1
             if main:
                 tracker.log({"count": state["step"], "starts": state["starts"]}, step=state["step"])
+                state["metrics_rows"] = tracker.rows
                 atomic_write_json(state_path, state)
         results = {
             "steps": state["step"],

@@ -1,10 +1,11 @@
 """A submission's tasks: states, run dirs, and results collected into one table.
 
 States come from SLURM accounting (one `sacct` call through submitit's watcher) for slurm
-submissions, and from the record for local ones. A task's result is its run dir's
-results.json (the flat numbers in it) when the job wrote one, else the last metrics.jsonl
-line, else nothing; the `result` column says which, so the last metrics line of a cancelled
-task is never mistaken for a finished result.
+submissions, and from the record for local ones; a task resubmitted by `launch.submit --resume`
+shows its latest attempt (the record's job_ids are the latest ones; `resumed` lists the
+earlier). A task's result is its run dir's results.json (the flat numbers in it) when the job
+wrote one, else the last metrics.jsonl line, else nothing; the `result` column says which, so
+the last metrics line of a cancelled task is never mistaken for a finished result.
 """
 from __future__ import annotations
 
@@ -14,13 +15,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dipddpm.config import UserError
-from dipddpm.launch.submit import RECORD
+from dipddpm.launch.submit import FINAL, RECORD
 from dipddpm.runs import METRICS_FILE, RESULTS_FILE, read_json, read_jsonl
-
-# SLURM states after which a task will not run again by itself (submitit requeues before its
-# time runs out, so a requeued task shows REQUEUED/PENDING, not TIMEOUT)
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
-         "BOOT_FAIL", "DEADLINE"}
 
 
 def find_record(submission: str, folder: str = "runs/submissions") -> Path:
@@ -33,12 +29,30 @@ def find_record(submission: str, folder: str = "runs/submissions") -> Path:
     raise UserError(f"{submission}: no {RECORD} there (nor under {folder}/)")
 
 
+RECORD_KEYS = ("name", "job", "folder", "executor", "tasks", "job_ids")
+TASK_KEYS = ("index", "name", "run_dir", "values", "argv")
+
+
 def load_record(submission: str, folder: str = "runs/submissions") -> dict:
+    """The submission record, checked: anything else is a UserError (one line, exit 2)."""
     path = find_record(submission, folder)
     try:
-        return read_json(path)
+        record = read_json(path)
     except ValueError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    what = "a submission record (as launch.submit writes it)"
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: not {what}: a {type(record).__name__}, not a mapping")
+    missing = [k for k in RECORD_KEYS if k not in record]
+    if missing:
+        raise UserError(f"{path}: not {what}: no {', '.join(repr(k) for k in missing)}")
+    tasks, ids = record["tasks"], record["job_ids"]
+    if not (isinstance(tasks, list) and isinstance(ids, list) and len(tasks) == len(ids)
+            and all(isinstance(t, dict) and all(k in t for k in TASK_KEYS) for t in tasks)):
+        raise UserError(f"{path}: not {what}: 'tasks' and 'job_ids' do not match")
+    if record["executor"] == "local" and len(record.get("states") or []) != len(tasks):
+        raise UserError(f"{path}: not {what}: a local submission without a state per task")
+    return record
 
 
 def task_states(record: dict) -> list[str]:
@@ -79,15 +93,26 @@ def task_result(run_dir) -> tuple[str, dict[str, Any]]:
     return "", {}
 
 
+def attempts(record: dict) -> list[int]:
+    """How often each task was submitted: 1, plus one per `launch.submit --resume` of it."""
+    counts = [1] * len(record["tasks"])
+    for resumed in record.get("resumed", []):
+        for i in resumed["tasks"]:
+            counts[i] += 1
+    return counts
+
+
 def collect(record: dict, states: Optional[list[str]] = None) -> list[dict[str, Any]]:
-    """One row per task: index, name, state, job id, run dir, grid values, then results."""
+    """One row per task: index, name, state and job id of its latest attempt, the attempt's
+    number, run dir, grid values, then results."""
     states = task_states(record) if states is None else states
     rows = []
-    for task, job_id, state in zip(record["tasks"], record["job_ids"], states):
+    for task, job_id, state, attempt in zip(record["tasks"], record["job_ids"], states,
+                                            attempts(record)):
         source, values = task_result(task["run_dir"])
         rows.append({"task": task["index"], "name": task["name"], "state": state,
-                     "job_id": job_id, "run_dir": task["run_dir"], **task["values"],
-                     "result": source, **values})
+                     "job_id": job_id, "attempt": attempt, "run_dir": task["run_dir"],
+                     **task["values"], "result": source, **values})
     return rows
 
 

@@ -3,7 +3,8 @@
     run.dir/checkpoints/img-000000012800/   one accelerator.save_state folder per checkpoint
         model.safetensors, optimizer.bin, random_states_<rank>.pkl   (Accelerate's)
         ema.pt                               EMA weights (identical on every rank)
-        train_state.json                     step, images seen, data epoch and position
+        train_state.json                     step, images seen, data epoch and position,
+                                             metrics.jsonl rows written
     run.dir/ema.pt                           final EMA weights, written at the end
     run.dir/weights/ema-img-000000060000.pt  EMA weights kept at every train.weights_every_images
 
@@ -44,6 +45,9 @@ class TrainState:
     # wall time of the training loop over all segments of a resumed run; the default lets
     # checkpoints written before this field existed load
     train_seconds: float = 0.0
+    # rows of metrics.jsonl when the checkpoint was saved (Tracker.rows); None in checkpoints
+    # from before this field existed
+    metrics_rows: Optional[int] = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -12,7 +12,9 @@ sequence bit for bit (on CPU; tested). What makes that hold:
   - the partial loss average of the current log interval is in the checkpoint too;
   - model, optimizer (and GradScaler) state come back through accelerator.load_state.
 A kill between checkpoints loses the steps since the last one; they are redone identically,
-and metrics.jsonl is trimmed back to the checkpoint so no step appears twice.
+and metrics.jsonl is cut back to the rows the checkpoint had seen (`TrainState.metrics_rows`,
+the Tracker's resume mechanism, see dipddpm/tracking.py), so every step and every epoch line
+appears exactly once; W&B then gets the rows it missed.
 
 train.noise=dip is the study's own variant (dip_noise.py): the same loop, the same t draws, but a
 DIP output stands in for the Gaussian noise. At the end the main process writes
@@ -37,8 +39,8 @@ from dipddpm.data import batches_per_epoch, make_loader
 from dipddpm.diffusion import Diffusion, ddim_sample
 from dipddpm.models.unet import build_unet, count_parameters
 from dipddpm.runs import METRICS_FILE, RESULTS_FILE, SAMPLES_DIR, atomic_write_json, \
-    atomic_write_text, prepare_run_dir, read_jsonl, seed_everything
-from dipddpm.tracking import Tracker
+    prepare_run_dir, read_jsonl, seed_everything
+from dipddpm.tracking import Tracker, rows_through_step
 from dipddpm.train.checkpoint import WEIGHTS_FILE, TrainState, latest_checkpoint, \
     load_checkpoint, save_checkpoint, save_weights, snapshot_path
 from dipddpm.train.dip_noise import DipNoise
@@ -155,6 +157,23 @@ def reads(cfg: Config) -> tuple[str, ...]:
     return keys + (("dip",) if cfg.train.noise == "dip" else ())
 
 
+def metrics_rows_at(run_dir, state: TrainState, going_on: bool) -> int:
+    """How many metrics.jsonl rows a resume from the checkpoint of `state` keeps.
+
+    The checkpoint records the count; one saved before it did holds the rows up to its step
+    but not that step's epoch lines, which the loop logs while the next step runs (after the
+    checkpoint) and logs again when it redoes that step. If the run goes on past a stop that
+    fell mid log interval, the stop's partial line goes too: the full line replaces it."""
+    path = Path(run_dir) / METRICS_FILE
+    n = state.metrics_rows
+    if n is None:
+        n = rows_through_step(path, state.step, after=lambda row: "epoch_time_s" in row)
+    kept = read_jsonl(path)[:n]
+    if going_on and kept and kept[-1].get("partial") and kept[-1].get("step") == state.step:
+        n = len(kept) - 1
+    return n
+
+
 def train(cfg: Config) -> dict:
     acc = make_accelerator(cfg.train.mixed_precision, compile=cfg.train.compile)
     t = cfg.train
@@ -185,17 +204,15 @@ def train(cfg: Config) -> dict:
 
     state = TrainState()
     resumed_from = latest_checkpoint(run_dir) if cfg.run.resume else None
+    keep_rows = 0 if cfg.run.resume else None  # no checkpoint yet: every step gets redone
     if resumed_from is not None:
         state = load_checkpoint(acc, resumed_from, ema)
-        if acc.is_main_process:  # drop lines of steps that will be redone
-            going_on = state.step < total_steps  # then the stop's partial line gets redone
-            rows = [r for r in read_jsonl(run_dir / METRICS_FILE)
-                    if r.get("step", 0) < state.step
-                    or (r.get("step") == state.step and not (going_on and r.get("partial")))]
-            atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+        if acc.is_main_process:
+            keep_rows = metrics_rows_at(run_dir, state, going_on=state.step < total_steps)
     acc.wait_for_everyone()
 
-    tracker = Tracker(run_dir, cfg, "train", enabled=acc.is_main_process)
+    # the rows of steps that will be redone are cut (and W&B gets the rows it missed)
+    tracker = Tracker(run_dir, cfg, "train", enabled=acc.is_main_process, keep_rows=keep_rows)
     debug = run_dir / "debug"
     keys_file = None
     if t.rank_debug:
@@ -314,6 +331,7 @@ def train(cfg: Config) -> dict:
             grid_seconds += time.perf_counter() - t_grid
         if crossed(before, state.images_seen, t.checkpoint_every_images) or last:
             state.loss_sum = loss_sum.item()
+            state.metrics_rows = tracker.rows  # what a resume from here keeps (main process)
             state.train_seconds = seconds_before + time.perf_counter() - t_loop - grid_seconds
             save_checkpoint(acc, run_dir, state, ema, t.keep_checkpoints)
         if t.weights_every_images and acc.is_main_process \
