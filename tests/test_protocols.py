@@ -1,5 +1,6 @@
-"""The restoration and generation protocols: start-state math, NFE and compute accounting, the
-inpainting consistency, and both jobs end to end on tiny data with a tiny random U-Net."""
+"""The restoration protocol: start-state math, NFE and compute accounting, the inpainting
+consistency, and the job end to end on tiny data with a tiny random U-Net (the generation
+protocol: tests/test_generation.py)."""
 import json
 import math
 
@@ -233,40 +234,3 @@ def test_restore_job_rejects_bad_input(tiny_world, tmp_path):
         main(restore_args(tiny_world, tmp_path / "r", "protocol.tasks=[deblur]"))
     with pytest.raises(ConfigError, match="num_images"):
         main(restore_args(tiny_world, tmp_path / "r", "protocol.num_images=99"))
-
-
-def test_generation_job_fid_floor_and_memorisation(tiny_world, tmp_path):
-    from dipddpm.evaluate import classifier_dir, load_classifier, train_classifier
-    from dipddpm.protocols.generation import _memorisation
-    from jobs.generate_eval import main
-
-    base = [f"data.dir={tiny_world['data']}", f"classifier.dir={tiny_world['root'] / 'clf'}",
-            "classifier.max_steps=2", "classifier.batch_size=8", "classifier.kid_subsets=3"]
-    cfg = load_config(None, base)
-    train_classifier(cfg, log=lambda *a: None)
-    run_dir = tmp_path / "gen"
-    main(["--config", "configs/generation.yaml", f"run.dir={run_dir}",
-          f"protocol.checkpoint={tiny_world['ddpm']}", "protocol.gen_num=6",
-          "protocol.gen_ddim_steps=[2,5]", "protocol.gen_t0s=[5,30,40]", "protocol.gen_steps=3",
-          "protocol.batch_size=4", "wandb.mode=disabled", *TINY_DIP, *base])
-    res = json.loads((run_dir / "results.json").read_text())
-    assert res["n"] == 6 and res["floor"]["n"] == 6 and res["floor"]["fid_vs_train"] > 0
-    arms = [(r["arm"], r["t0"], r["steps"], r["nfe"]) for r in res["arms"]]
-    assert arms == [("ddpm", None, 30, 30), ("ddim", None, 2, 2), ("ddim", None, 5, 5),
-                    ("dip_estimate", None, None, 0), ("dip_start", 5, 3, 3),
-                    ("dip_start", 30, 3, 3)]  # t0=40 > T=30 is skipped
-    for r in res["arms"]:
-        assert r["fid"] >= 0 and (run_dir / r["grid"]).is_file()
-        if r["arm"] in ("dip_start", "dip_estimate"):
-            assert r["dip_iters"] == 5 and 0 <= r["memorisation"]["source_match"] <= 1
-            assert r["memorisation"]["features"]["test"]["median"] > 0
-    assert res["arms"][2]["memorisation"] is not None  # the largest DDIM step count
-    assert "Real-vs-real floor at N = 6" in (run_dir / "table.md").read_text()
-    assert (run_dir / "fid_vs_steps.png").is_file()
-    # The copying detector itself: training images as "samples" are their own nearest images
-    train, _, keys = load_split(tiny_world["data"], "train")
-    clf = load_classifier(classifier_dir(cfg))
-    x = torch.from_numpy(train[:6]).float().div(127.5).sub(1).unsqueeze(1)
-    mem = _memorisation(clf, tiny_world["data"], x, list(keys[:6]))
-    assert mem["source_match"] == 1.0 and mem["pixels"]["exact_copies"] == 6
-    assert mem["pixels"]["ratio_median"] == 0.0
