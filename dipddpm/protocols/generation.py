@@ -71,7 +71,7 @@ results.json:
                {"n", "keys": [first, last], "dip_source": "fitted" | "priors:<dir>" |
                 "untrained" | "fitted to noise", "dip_iters": float,
                 "dip_seconds_per_image": float}},
-   "skipped": [{"source", "sigma_t0", "t0", "why"}],
+   "skipped": [{"sigma_t0", "t0", "why"}],
    "arms": [{"arm": "ddpm" | "ddim" | "dip_estimate" | "dip_start" | "clean_start",
              "source": null | "train" | "heldout" | "data_free",
              "sigma_t0": float|null, "sigma_t0_realised": float|null, "t0": int|null,
@@ -431,6 +431,15 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
     start_nfe = {len(ddim_timesteps(t0, p.gen_steps)) for _, t0, _ in starts} \
         if p.gen_sources else set()
 
+    # the sources first: a missing priors dir or image fails before any chain runs
+    sources = []
+    for name in p.gen_sources:
+        src = data_free_source(cfg, device) if name == "data_free" else \
+            data_source(cfg, name, device)
+        log(f"{name} source: {len(src.keys)} DIP estimates ({src.dip_source}, "
+            f"{src.dip_iters:.0f} iterations, {src.dip_seconds:.3f} s/image)")
+        sources.append(src)
+
     # the baseline front: DDPM and DDIM from noise at every K and at every start's NFE
     ks = sorted(set(p.gen_ddim_steps) | start_nfe)
     for sampler in ("ddpm", "ddim"):
@@ -441,18 +450,13 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
             mem = _memorisation(clf, data_dir, x) if sampler == "ddim" and k == max(ks) else None
             add(sampler, x, steps=k, nfe=nfe, reverse_s=s, mem=mem)
 
-    sources = {}
-    for name in p.gen_sources:
-        src = data_free_source(cfg, device) if name == "data_free" else \
-            data_source(cfg, name, device)
-        sources[name] = src.summary()
-        log(f"{name} source: {len(src.keys)} DIP estimates ({src.dip_source}, "
-            f"{src.dip_iters:.0f} iterations, {src.dip_seconds:.3f} s/image)")
+    for src in sources:
         x_est = to_diffusion(src.estimate)
-        add("dip_estimate", x_est, source=name, dip_iters=src.dip_iters, dip_s=src.dip_seconds,
-            mem=_memorisation(clf, data_dir, x_est, src.clean))
+        add("dip_estimate", x_est, source=src.name, dip_iters=src.dip_iters,
+            dip_s=src.dip_seconds, mem=_memorisation(clf, data_dir, x_est, src.clean))
         for s, t0, realised in starts:
-            common = dict(source=name, sigma_t0=s, realised=realised, t0=t0, steps=p.gen_steps)
+            common = dict(source=src.name, sigma_t0=s, realised=realised, t0=t0,
+                          steps=p.gen_steps)
             x, nfe, sec = draw(model, diffusion, n, bs, seed, device, sampler="ddim",
                                steps=p.gen_steps, t0=t0, u_hat=src.estimate)
             add("dip_start", x, nfe=nfe, dip_iters=src.dip_iters, reverse_s=sec,
@@ -471,7 +475,8 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
                               "heldout": {"n": len(ho_keys),
                                           "excluded": [excluded[0], excluded[-1]]}},
                "gen_steps": p.gen_steps, "sigma_t0s": list(p.gen_sigma_t0s),
-               "sources": sources, "skipped": skipped, "arms": arms}
+               "sources": {src.name: src.summary() for src in sources},
+               "skipped": skipped, "arms": arms}
     if inc is not None:
         results["inception"] = {"weights": str(inc.path), "sha256": inc.sha256,
                                 "ref_num": c.inception_ref_num}
