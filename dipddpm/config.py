@@ -344,7 +344,7 @@ class ProtocolConfig:
     gen_steps: int = 50  # DDIM steps of the DIP-start chains (NFE = min(gen_steps, t0))
     # where DIP starts come from: train images, held-out test images, no image (data_free)
     gen_sources: list[str] = field(default_factory=lambda: ["train", "heldout", "data_free"])
-    gen_data_free_iters: int = 0  # data_free: 0 = untrained net's output; k = fitted k iters to noise
+    gen_data_free_iters: int = 0  # data_free: 0 = the untrained net's output; k = fitted to noise
     gen_priors_dir: str = ""  # priors of TRAINING images; empty -> fit gen_num of them here
     gen_heldout_priors_dir: str = ""  # priors of TEST images; empty -> fit gen_num of them here
 

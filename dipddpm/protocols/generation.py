@@ -359,7 +359,6 @@ def check_retired(cfg: Config) -> None:
                         f"given by noise level, protocol.gen_sigma_t0s (sigma in [-1, 1] units)")
 
 
-
 def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: Path,
                info: dict | None = None, log=print) -> dict:
     """Every arm of the generation protocol; writes a sample grid per arm under run_dir/samples
@@ -523,7 +522,8 @@ def table_markdown(results: dict) -> str:
                   f"published Inception FIDs.", ""]
     lines += ["| arm | source | sigma_t0 (realised) | t0 | K | NFE | DIP iters | FID train "
               "| FID held-out | KID train | KID held-out | s/sample | NN dist. ratio (px) "
-              "| nearer than 99% of test | nearest = source |" + (" Inception FID |" if inc else ""),
+              "| nearer than 99% of test | nearest = source |"
+              + (" Inception FID |" if inc else ""),
               "|" + "---|" * (15 + bool(inc))]
     for r in results["arms"]:
         mem = r["memorisation"]
@@ -575,7 +575,8 @@ def fid_plot(results: dict, path: Path) -> Path:
                            label=f"{arm} ({name})", zorder=3)
                 for r in rows:
                     ax.annotate(f"σ{r['sigma_t0']:g}", (r["nfe"], r[key]), fontsize=6)
-        ax.axhline(floor, color="grey", linestyle=":", label=f"real-vs-real floor (N={results['n']})")
+        ax.axhline(floor, color="grey", linestyle=":",
+                   label=f"real-vs-real floor (N={results['n']})")
         ax.set_xscale("log")
         ax.set_xlabel("reverse steps (NFE per sample)")
         ax.set_title(f"FID {title}, N = {results['n']}")
