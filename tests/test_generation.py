@@ -233,6 +233,10 @@ def test_report_shows_both_references_and_the_controls(job):
     assert f"| heldout | {row['sigma_t0']:g} ({row['sigma_t0_realised']:.3f}) " \
            f"| {row['fid_heldout']:.2f} |" in gen
     how = text[text.index("## How to read this"):text.index("## The study's tables")]
-    assert "DIP start from heldout images, vs held-out statistics: best FID" in how
-    assert "for the clean image at the same sigma_t0" in how
+    d = min((r for r in res["arms"] if r["arm"] == "dip_start" and r["source"] == "heldout"),
+            key=lambda r: r["fid_heldout"])
+    assert (f"DIP start from held-out test images, FID vs train / vs held-out statistics: best "
+            f"{d['fid']:.2f} / {d['fid_heldout']:.2f} (sigma_t0 {d['sigma_t0']:g}, 3 NFE + 5 DIP "
+            f"iterations); ") in how
+    assert "; the clean image itself at that sigma_t0 " in how
     assert "gen/fid_vs_steps.png" in text

@@ -578,6 +578,8 @@ def fid_plot(results: dict, path: Path) -> Path:
         ax.axhline(floor, color="grey", linestyle=":",
                    label=f"real-vs-real floor (N={results['n']})")
         ax.set_xscale("log")
+        if min([r[key] for r in arms] + [floor]) > 0:  # FIDs span orders of magnitude
+            ax.set_yscale("log")
         ax.set_xlabel("reverse steps (NFE per sample)")
         ax.set_title(f"FID {title}, N = {results['n']}")
         ax.grid(alpha=0.3, which="both")

@@ -173,9 +173,9 @@ def findings(runs: Runs) -> list[str]:
 
 
 def generation_findings(res: dict) -> list[str]:
-    """Best FID per arm (and source), then per DIP-start source its best row against the best
-    baseline from noise at equal or lower NFE and against its own clean-image control, on both
-    references where the run has the held-out one."""
+    """Best FID per arm (and source); then, where the run has the held-out reference, per
+    DIP-start source its best row by held-out FID against the best baseline from noise at equal
+    or lower NFE and against its own clean-image control, each as FID vs train / vs held-out."""
     best: dict = {}
     for r in res["arms"]:
         label = r["arm"] + (f" ({r['source']})" if r.get("source") else "")
@@ -188,25 +188,25 @@ def generation_findings(res: dict) -> list[str]:
     out = [f"Generation (N = {res.get('n')}, floor {fmt(floor)}): best " + ", ".join(parts) + "."]
     if "floor_heldout" not in res:
         return out
+    both = lambda r: f"{r['fid']:.2f} / {r['fid_heldout']:.2f}"  # noqa: E731
     baselines = [r for r in res["arms"] if r["arm"] in ("ddpm", "ddim")]
-    for source in dict.fromkeys(r["source"] for r in res["arms"]
-                                if r["arm"] == "dip_start"):
-        for key, ref in (("fid", "train"), ("fid_heldout", "held-out")):
-            rows = [r for r in res["arms"] if r["arm"] == "dip_start" and r["source"] == source]
-            d = min(rows, key=lambda r: r[key])
-            front = [b for b in baselines if b["nfe"] <= d["nfe"]]
-            ctrl = [r for r in res["arms"] if r["arm"] == "clean_start"
-                    and r["source"] == source and r["t0"] == d["t0"]]
-            text = (f"DIP start from {source} images, vs {ref} statistics: best FID "
-                    f"{d[key]:.2f} (sigma_t0 {d['sigma_t0']:g}, {d['nfe']} NFE + "
-                    f"{d['dip_iters']:.0f} DIP iterations)")
-            if front:
-                b = min(front, key=lambda r: r[key])
-                text += (f" against {b[key]:.2f} for {b['arm'].upper()} from noise at "
-                         f"{b['nfe']} NFE")
-            if ctrl:
-                text += f" and {ctrl[0][key]:.2f} for the clean image at the same sigma_t0"
-            out.append(text + ".")
+    for source in dict.fromkeys(r["source"] for r in res["arms"] if r["arm"] == "dip_start"):
+        rows = [r for r in res["arms"] if r["arm"] == "dip_start" and r["source"] == source]
+        d = min(rows, key=lambda r: r["fid_heldout"])
+        what = {"train": "training images", "heldout": "held-out test images",
+                "data_free": "no image (data_free)"}.get(source, source)
+        text = (f"DIP start from {what}, FID vs train / vs held-out statistics: best "
+                f"{both(d)} (sigma_t0 {d['sigma_t0']:g}, {d['nfe']} NFE + "
+                f"{d['dip_iters']:.0f} DIP iterations)")
+        front = [b for b in baselines if b["nfe"] <= d["nfe"]]
+        if front:
+            b = min(front, key=lambda r: r["fid_heldout"])
+            text += f"; {b['arm'].upper()} from noise at {b['nfe']} NFE {both(b)}"
+        ctrl = [r for r in res["arms"] if r["arm"] == "clean_start" and r["source"] == source
+                and r["t0"] == d["t0"]]
+        if ctrl:
+            text += f"; the clean image itself at that sigma_t0 {both(ctrl[0])}"
+        out.append(text + ".")
     return out
 
 
