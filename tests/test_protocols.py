@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from dipddpm.config import ConfigError, UserError, load_config
-from dipddpm.data import load_split
 from dipddpm.diffusion import Diffusion, linear_betas
 from dipddpm.dip.degrade import degrade
 from dipddpm.protocols.arms import (CountingModel, cheap_estimate, direct_start, run_chain,
