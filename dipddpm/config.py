@@ -355,6 +355,8 @@ class ClassifierConfig:
 
 
 START_ESTIMATES = ("budget", "es_wmv", "oracle")  # the DIP estimates a restoration chain can start from
+# where the generation protocol's DIP starts come from (dipddpm/protocols/generation.py)
+GEN_SOURCES = ("train", "heldout", "data_free")
 
 
 @dataclass
@@ -386,13 +388,20 @@ class ProtocolConfig:
     inpaint_consistency: bool = True  # RePaint-style: re-impose the noised known pixels each step
     priors_dir: str = ""  # restoration DIP estimates from jobs.precompute_priors; empty -> fit here
     batch_size: int = 256  # images per reverse-chain batch
-    # generation
-    gen_num: int = 1000  # N samples per arm for FID/KID (every FID states N and its floor)
+    # generation (dipddpm/protocols/generation.py)
+    gen_num: int = 1000  # N samples per arm for FID/KID (every FID states N and its floors)
+    # K of the DDIM and DDPM baselines from noise; every DIP start's NFE is added to them
     gen_ddim_steps: list[int] = field(default_factory=lambda: [10, 20, 50, 100])
     gen_ddpm: bool = True  # also the full T-step ancestral DDPM from noise (T NFE per sample)
-    gen_t0s: list[int] = field(default_factory=lambda: [100, 250, 500])  # DIP start from train priors
+    gen_t0s: list[int] = field(default_factory=list)  # retired (start indices): must stay empty
+    # noise levels of the starts, [-1, 1] units; t0 = the step whose sqrt((1-abar)/abar) is nearest
+    gen_sigma_t0s: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0])
     gen_steps: int = 50  # DDIM steps of the DIP-start chains (NFE = min(gen_steps, t0))
+    # where DIP starts come from: train images, held-out test images, no image (data_free)
+    gen_sources: list[str] = field(default_factory=lambda: ["train", "heldout", "data_free"])
+    gen_data_free_iters: int = 0  # data_free: 0 = the untrained net's output; k = fitted to noise
     gen_priors_dir: str = ""  # priors of TRAINING images; empty -> fit gen_num of them here
+    gen_heldout_priors_dir: str = ""  # priors of TEST images; empty -> fit gen_num of them here
 
     def check(self, fail):
         from dipddpm.dip.degrade import TASKS  # late: keeps config importable alone
@@ -419,6 +428,14 @@ class ProtocolConfig:
             fail("blur_sigma", self.blur_sigma, "must be in (0, 9] pixels")
         if self.gen_num < 2:
             fail("gen_num", self.gen_num, "FID and KID need at least 2 images")
+        if any(s <= 0 for s in self.gen_sigma_t0s):
+            fail("gen_sigma_t0s", self.gen_sigma_t0s, "must all be > 0 (noise std, [-1, 1] units)")
+        bad = [s for s in self.gen_sources if s not in GEN_SOURCES]
+        if bad or len(set(self.gen_sources)) != len(self.gen_sources):
+            fail("gen_sources", self.gen_sources,
+                 f"each must be one of {', '.join(GEN_SOURCES)}, at most once")
+        if self.gen_data_free_iters < 0:
+            fail("gen_data_free_iters", self.gen_data_free_iters, "must be >= 0")
 
 
 STUDY_STAGES = ("train", "train_main", "ablation_dip_iters", "ablation_epochs", "fit_dip", "classifier",

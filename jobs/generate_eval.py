@@ -1,12 +1,17 @@
-"""The generation protocol: FID/KID vs steps for DDPM, DDIM and the DIP start, with memorisation.
+"""The generation protocol: DIP starts vs DDPM/DDIM from noise, FID/KID vs NFE, memorisation.
+
+DIP starts come from training images, held-out test images and no image at all; every arm's
+FID/KID is taken against the train statistics and against held-out statistics that exclude the
+held-out starts.
 
   python -m jobs.generate_eval --config configs/generation.yaml protocol.checkpoint=runs/ddpm \
-      [run.dir=D protocol.gen_num=1000 protocol.gen_ddim_steps=[10,50] protocol.gen_t0s=[100,500] \
+      [run.dir=D protocol.gen_num=1000 protocol.gen_ddim_steps=[10,50] \
+       protocol.gen_sigma_t0s=[0.3,1.0,3.0] protocol.gen_sources=[train,heldout,data_free] \
        protocol.gen_priors_dir=data/.../priors/NAME]
 
 Needs the classifier (python -m jobs.train_classifier). Writes D/config.yaml, D/results.json
-(schema in dipddpm/protocols/generation.py), D/table.md, D/fid_vs_steps.png, D/samples/*.png,
-D/metrics.jsonl and D/wandb/.
+(schema in dipddpm/protocols/generation.py; the design in docs/generation.md), D/table.md,
+D/fid_vs_steps.png, D/samples/*.png, D/metrics.jsonl and D/wandb/.
 """
 from dipddpm.cli import exit_with, job_parser, parse_config
 from dipddpm.protocols.generation import run_generation

@@ -161,20 +161,21 @@ def test_generation_protocol_adds_inception_fid_only_when_set(world, weights, tm
     train_classifier(load_config(None, base), log=lambda *a: None)
     args = ["--config", "configs/generation.yaml", f"protocol.checkpoint={world['ddpm']}",
             "protocol.gen_num=4", "protocol.gen_ddpm=false", "protocol.gen_ddim_steps=[2]",
-            "protocol.gen_t0s=[5]", "protocol.gen_steps=2", "protocol.batch_size=4",
+            "protocol.gen_sigma_t0s=[0.5]", "protocol.gen_sources=[train]", "protocol.gen_steps=2",
+            "protocol.batch_size=4",
             "wandb.mode=disabled", *TINY_DIP, *base]
 
     main([*args, f"run.dir={tmp_path / 'plain'}"])
     plain = json.loads((tmp_path / "plain" / "results.json").read_text())
     assert "inception" not in plain and "fid_inception" not in plain["floor"]
-    assert [r["arm"] for r in plain["arms"]] == ["ddim", "dip_estimate", "dip_start"]
+    assert [r["arm"] for r in plain["arms"]] == ["ddpm", "ddim", "dip_estimate", "dip_start", "clean_start"]
     assert not any("fid_inception" in r for r in plain["arms"])
     assert "Inception" not in (tmp_path / "plain" / "table.md").read_text()
 
     main([*args, f"run.dir={tmp_path / 'inc'}", f"{KEY}={weights}",
           "classifier.inception_ref_num=8", "classifier.inception_batch_size=4"])
     res = json.loads((tmp_path / "inc" / "results.json").read_text())
-    assert [r["arm"] for r in res["arms"]] == ["ddim", "dip_estimate", "dip_start"]
+    assert [r["arm"] for r in res["arms"]] == ["ddpm", "ddim", "dip_estimate", "dip_start", "clean_start"]
     for r in res["arms"]:
         assert 0 < r["fid_inception"] < float("inf")
     assert 0 < res["floor"]["fid_inception"] < float("inf")

@@ -1,6 +1,6 @@
-"""The restoration and generation protocols: start-state math, the t0 rule by noise level, the
-posterior mean, NFE and FLOP accounting, the statistics, the inpainting consistency, and both
-jobs end to end on tiny data with a tiny random U-Net."""
+"""The restoration protocol: start-state math, the t0 rule by noise level, the posterior mean,
+NFE and FLOP accounting, the statistics, the inpainting consistency, and the job end to end on
+tiny data with a tiny random U-Net (the generation protocol: tests/test_generation.py)."""
 import json
 import math
 
@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from dipddpm.config import ConfigError, UserError, load_config
-from dipddpm.data import load_split
 from dipddpm.diffusion import Diffusion, cosine_betas, linear_betas, noise_levels
 from dipddpm.dip.degrade import degrade
 from dipddpm.evaluate.flops import count_flops, forward_flops, train_step_flops
@@ -439,46 +438,3 @@ def test_restore_with_no_runnable_start_is_one_line_and_exit_2(tiny_world, tmp_p
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "protocol.t0s" in lines[0] and "T = 30" in lines[0]
     assert not run_dir.exists()
-
-
-def test_generation_job_fid_floor_and_memorisation(tiny_world, tmp_path):
-    from dipddpm.evaluate import classifier_dir, load_classifier, train_classifier
-    from dipddpm.protocols.generation import _memorisation
-    from jobs.generate_eval import main
-
-    base = [f"data.dir={tiny_world['data']}", f"classifier.dir={tiny_world['root'] / 'clf'}",
-            "classifier.max_steps=2", "classifier.batch_size=8", "classifier.kid_subsets=3"]
-    cfg = load_config(None, base)
-    train_classifier(cfg, log=lambda *a: None)
-    run_dir = tmp_path / "gen"
-    main(["--config", "configs/generation.yaml", f"run.dir={run_dir}",
-          f"protocol.checkpoint={tiny_world['ddpm']}", "protocol.gen_num=6",
-          "protocol.gen_ddim_steps=[2,5]", "protocol.gen_t0s=[5,30,40]", "protocol.gen_steps=3",
-          "protocol.batch_size=4", "wandb.mode=disabled", *TINY_DIP, *base])
-    res = json.loads((run_dir / "results.json").read_text())
-    assert res["n"] == 6 and res["floor"]["n"] == 6 and res["floor"]["fid_vs_train"] > 0
-    arms = [(r["arm"], r["t0"], r["steps"], r["nfe"]) for r in res["arms"]]
-    assert arms == [("ddpm", None, 30, 30), ("ddim", None, 2, 2), ("ddim", None, 5, 5),
-                    ("dip_estimate", None, None, 0), ("dip_start", 5, 3, 3),
-                    ("dip_start", 30, 3, 3)]  # t0=40 > T=30 is skipped
-    for r in res["arms"]:
-        assert r["fid"] >= 0 and (run_dir / r["grid"]).is_file()
-        if r["arm"] in ("dip_start", "dip_estimate"):
-            assert r["dip_iters"] == 5 and 0 <= r["memorisation"]["source_match"] <= 1
-            assert r["memorisation"]["features"]["test"]["median"] > 0
-    assert res["arms"][2]["memorisation"] is not None  # the largest DDIM step count
-    for r in res["arms"]:  # every memorisation check keeps its distances for the histograms
-        if r["memorisation"] is not None:
-            d = np.load(run_dir / r["memorisation"]["distances"])
-            assert len(d["pixels_samples"]) == 6 and len(d["pixels_test"]) == 16  # all 16 test
-            assert np.median(d["pixels_samples"]) == pytest.approx(
-                r["memorisation"]["pixels"]["samples"]["median"], rel=1e-5)
-    assert "Real-vs-real floor at N = 6" in (run_dir / "table.md").read_text()
-    assert (run_dir / "fid_vs_steps.png").is_file()
-    # The copying detector itself: training images as "samples" are their own nearest images
-    train, _, keys = load_split(tiny_world["data"], "train")
-    clf = load_classifier(classifier_dir(cfg))
-    x = torch.from_numpy(train[:6]).float().div(127.5).sub(1).unsqueeze(1)
-    mem = _memorisation(clf, tiny_world["data"], x, list(keys[:6]))
-    assert mem["source_match"] == 1.0 and mem["pixels"]["exact_copies"] == 6
-    assert mem["pixels"]["ratio_median"] == 0.0

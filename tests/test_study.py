@@ -27,7 +27,7 @@ MICRO = [
     "'protocol.steps=[2]', 'protocol.samplers=[ddim]', dip.iters=3, dip.batch_size=2, "
     "dip.es_window=2, dip.es_patience=2]",
     "study.generation=[protocol.gen_num=4, 'protocol.gen_ddim_steps=[2]', protocol.gen_ddpm=false, "
-    "'protocol.gen_t0s=[5]', protocol.gen_steps=2, protocol.batch_size=4, dip.iters=3, "
+    "'protocol.gen_sigma_t0s=[0.5]', protocol.gen_steps=2, protocol.batch_size=4, dip.iters=3, "
     "classifier.fid_num=4, classifier.kid_subset=2, classifier.kid_subsets=2]",
     "study.stages=[train, ablation_dip_iters, ablation_epochs, fit_dip, classifier, sampling, "
     "restore, generation]",

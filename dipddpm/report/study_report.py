@@ -22,7 +22,7 @@ from dipddpm.protocols.restoration import (TABLE_COLUMNS, answer_sentences, tabl
                                            task_intro)
 from dipddpm.report.discover import Runs, discover
 from dipddpm.report.table_plots import attach_plots
-from dipddpm.report.tables import (VARIANTS, Table, best_fit, fmt, fmt_loss, main_T,
+from dipddpm.report.tables import (DASH, VARIANTS, Table, best_fit, fmt, fmt_loss, main_T,
                                    rel, study_tables)
 from dipddpm.runs import METRICS_FILE, SAMPLES_DIR, atomic_path, atomic_write_text, read_jsonl
 
@@ -94,24 +94,39 @@ def generation_tables(runs: Runs) -> list[Table]:
     for run in runs["generation"]:
         res = run.results
         f = res.get("floor") or {}
+        fh = res.get("floor_heldout") or {}
         t = Table(f"generation/{run.name}", f"Generation (`{rel(run.path, runs.root)}`)")
         t.intro = [f"N = {res.get('n')} samples per arm, T = {res.get('T')}; FID/KID on the "
                    f"project classifier's features (test accuracy "
                    f"{(res.get('classifier') or {}).get('test_accuracy')}); real-vs-real floor "
                    f"at N = {f.get('n')}: FID {fmt(f.get('fid_vs_train'))} (vs train "
-                   f"statistics), KID {fmt(f.get('kid'), 4)}. 'nearest = source': share of "
-                   "samples whose nearest training image is the one the chain started from."]
+                   f"statistics), KID {fmt(f.get('kid'), 4)}"
+                   + (f"; vs held-out statistics (the test split without the held-out start "
+                      f"images): FID {fmt(fh.get('fid'))}, KID {fmt(fh.get('kid'), 4)}"
+                      if fh else "")
+                   + ". 'nearest = source': share of samples whose own start image is at least "
+                   "as near as their nearest training image. DIP starts run DDIM from the t0 "
+                   "whose noise level matches sigma_t0 ([-1, 1] units, realised value in "
+                   "brackets); clean_start is the start image itself at that level, the "
+                   "zero-cost control; ddpm/ddim rows start from pure noise."]
         inception = "inception" in res  # the optional Inception FID (classifier.inception_weights)
         if inception:
             t.intro.append(f"{describe_inception(res['inception'])}: floor "
                            f"{fmt(f.get('fid_inception'))}.")
-        t.columns = ["arm", "t0", "K", "NFE", "FID", "KID", "s/sample", "nearest = source"] \
-            + (["Inception FID"] if inception else [])
+        # the held-out columns come last: older results (one reference, t0 by index) lack them
+        t.columns = ["arm", "t0", "K", "NFE", "FID vs train", "KID vs train", "s/sample",
+                     "nearest = source", "source", "sigma_t0", "FID vs held-out",
+                     "KID vs held-out", "DIP iters"] + (["Inception FID"] if inception else [])
         for r in res["arms"]:
             mem = r.get("memorisation") or {}
+            sig = r.get("sigma_t0")
             t.rows.append([r["arm"], fmt(r.get("t0")), fmt(r.get("steps")), str(r["nfe"]),
                            fmt(r["fid"]), fmt(r["kid"], 4), fmt(r.get("seconds_per_sample"), 4),
-                           fmt(mem.get("source_match"))]
+                           fmt(mem.get("source_match")), fmt(r.get("source")),
+                           DASH if sig is None else
+                           f"{sig:g} ({fmt(r.get('sigma_t0_realised'), 3)})",
+                           fmt(r.get("fid_heldout")), fmt(r.get("kid_heldout"), 4),
+                           fmt(r.get("dip_iters"), 0)]
                           + ([fmt(r.get("fid_inception"))] if inception else []))
         out.append(t)
     if not out:
@@ -189,16 +204,45 @@ def findings(runs: Runs) -> list[str]:
                            "the answer above compares at equal compute): " + ", ".join(parts)
                            + ".")
     for run in runs["generation"]:
-        res = run.results
-        best = {}
-        for r in res["arms"]:
-            if r["arm"] not in best or r["fid"] < best[r["arm"]]["fid"]:
-                best[r["arm"]] = r
-        floor = (res.get("floor") or {}).get("fid_vs_train")
-        parts = [f"{arm} FID {r['fid']:.2f} ({r['nfe'] or 'no'} NFE)" for arm, r in best.items()]
-        if parts:
-            out.append(f"Generation (N = {res.get('n')}, floor {fmt(floor)}): best "
-                       + ", ".join(parts) + ".")
+        out += generation_findings(run.results)
+    return out
+
+
+def generation_findings(res: dict) -> list[str]:
+    """Best FID per arm (and source); then, where the run has the held-out reference, per
+    DIP-start source its best row by held-out FID against the best baseline from noise at equal
+    or lower NFE and against its own clean-image control, each as FID vs train / vs held-out."""
+    best: dict = {}
+    for r in res["arms"]:
+        label = r["arm"] + (f" ({r['source']})" if r.get("source") else "")
+        if label not in best or r["fid"] < best[label]["fid"]:
+            best[label] = r
+    floor = (res.get("floor") or {}).get("fid_vs_train")
+    parts = [f"{label} FID {r['fid']:.2f} ({r['nfe'] or 'no'} NFE)" for label, r in best.items()]
+    if not parts:
+        return []
+    out = [f"Generation (N = {res.get('n')}, floor {fmt(floor)}): best " + ", ".join(parts) + "."]
+    if "floor_heldout" not in res:
+        return out
+    both = lambda r: f"{r['fid']:.2f} / {r['fid_heldout']:.2f}"  # noqa: E731
+    baselines = [r for r in res["arms"] if r["arm"] in ("ddpm", "ddim")]
+    for source in dict.fromkeys(r["source"] for r in res["arms"] if r["arm"] == "dip_start"):
+        rows = [r for r in res["arms"] if r["arm"] == "dip_start" and r["source"] == source]
+        d = min(rows, key=lambda r: r["fid_heldout"])
+        what = {"train": "training images", "heldout": "held-out test images",
+                "data_free": "no image (data_free)"}.get(source, source)
+        text = (f"DIP start from {what}, FID vs train / vs held-out statistics: best "
+                f"{both(d)} (sigma_t0 {d['sigma_t0']:g}, {d['nfe']} NFE + "
+                f"{d['dip_iters']:.0f} DIP iterations)")
+        front = [b for b in baselines if b["nfe"] <= d["nfe"]]
+        if front:
+            b = min(front, key=lambda r: r["fid_heldout"])
+            text += f"; {b['arm'].upper()} from noise at {b['nfe']} NFE {both(b)}"
+        ctrl = [r for r in res["arms"] if r["arm"] == "clean_start" and r["source"] == source
+                and r["t0"] == d["t0"]]
+        if ctrl:
+            text += f"; the clean image itself at that sigma_t0 {both(ctrl[0])}"
+        out.append(text + ".")
     return out
 
 
@@ -246,17 +290,24 @@ def make_plots(runs: Runs, out_dir: Path) -> tuple[list, list]:
         arms: dict = {}
         for r in res["arms"]:
             if r["nfe"] > 0:  # the DIP estimates alone run no chain: nothing to put on a log axis
-                # a DIP start runs the same K from every t0: one series (marker) per t0
-                key = r["arm"] + (f" t0={r['t0']}" if r.get("t0") else "")
+                # a start runs the same K from every noise level: one series (marker) per level
+                level = f" sigma_t0={r['sigma_t0']:g}" if r.get("sigma_t0") is not None else \
+                    (f" t0={r['t0']}" if r.get("t0") else "")
+                key = r["arm"] + (f" {r['source']}" if r.get("source") else "") + level
                 arms.setdefault(key, []).append(r)
         for arm, rs in arms.items():
             series.append((arm + tag, [r["nfe"] for r in rs], [r["fid"] for r in rs]))
         f = (res.get("floor") or {}).get("fid_vs_train")
         if f is not None:
             floors.append((f"real-vs-real floor, N = {res['floor'].get('n')}{tag}", f))
+        if (run.path / "fid_vs_steps.png").is_file():  # the run's own: both references
+            linked.append((f"Generation: FID vs NFE against train and held-out statistics{tag}",
+                           run.path / "fid_vs_steps.png"))
         for r in res["arms"]:
             if r.get("grid") and (run.path / r["grid"]).is_file():
-                label = r["arm"] + (f" t0={r['t0']}" if r.get("t0") else "") + \
+                label = r["arm"] + (f" {r['source']}" if r.get("source") else "") + \
+                    (f" sigma_t0={r['sigma_t0']:g}" if r.get("sigma_t0") is not None else
+                     f" t0={r['t0']}" if r.get("t0") else "") + \
                     (f" K={r['steps']}" if r.get("steps") else "")
                 linked.append((f"Generation samples: {label}{tag}", run.path / r["grid"]))
     if series:

@@ -1,0 +1,242 @@
+"""The generation protocol: starts by noise level, the three DIP-start sources and the clean-image
+control, the held-out reference that excludes the held-out starts, the baseline front at equal
+NFE, memorisation, the retired index key, and the report's generation table, on tiny data with a
+tiny random U-Net (tests/conftest.py's tiny world)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dipddpm.cli import run_job
+from dipddpm.config import ConfigError, config_from_dict, load_config
+from dipddpm.diffusion import Diffusion, linear_betas, t_for_sigma
+from dipddpm.evaluate import classifier_dir, load_classifier, split_features, to_uint8
+from dipddpm.protocols.arms import to_diffusion
+from dipddpm.protocols.generation import (_memorisation, data_free_source, first_images,
+                                          generation, heldout_reference, start_t0)
+from dipddpm.train.generate import load_trained
+from jobs.generate_eval import main as generate_main
+from jobs.report import main as report_main
+from tests.conftest import make_tiny_world
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny tensors, 1 thread
+
+TINY_DIP = ["dip.channels_down=8", "dip.channels_up=8", "dip.channels_skip=2", "dip.iters=5",
+            "dip.batch_size=4", "dip.es_window=2", "dip.es_patience=2"]
+N = 6  # samples per arm: two chain batches of 4 and 2
+
+
+class ZeroEps(nn.Module):
+    """Predicts no noise: one DDIM step from x_t returns x_t / sqrt(abar), clipped."""
+
+    def forward(self, x, t):
+        return torch.zeros_like(x)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from dipddpm.evaluate import train_classifier
+
+    w = make_tiny_world(tmp_path_factory.mktemp("generation"), n_test=16, T=30)
+    w["base"] = [f"data.dir={w['data']}", f"classifier.dir={w['root'] / 'clf'}",
+                 "classifier.max_steps=2", "classifier.batch_size=8", "classifier.kid_subsets=3"]
+    train_classifier(load_config(None, w["base"]), log=lambda *a: None)
+    w["clf"] = load_classifier(classifier_dir(load_config(None, w["base"])))
+    return w
+
+
+def job_args(world, run_dir, *extra):
+    return ["--config", "configs/generation.yaml", f"run.dir={run_dir}",
+            f"protocol.checkpoint={world['ddpm']}", f"protocol.gen_num={N}",
+            "protocol.gen_ddim_steps=[2,5]", "protocol.gen_sigma_t0s=[0.3,1.0,1.01,1e6]",
+            "protocol.gen_steps=3", "protocol.batch_size=4", "wandb.mode=disabled",
+            *TINY_DIP, *world["base"], *extra]
+
+
+@pytest.fixture(scope="module")
+def job(world, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("gen") / "gen"
+    generate_main(job_args(world, run_dir))
+    return run_dir, json.loads((run_dir / "results.json").read_text())
+
+
+def test_start_t0_gives_the_same_noise_level_at_any_T():
+    for sigma in (0.3, 1.0, 3.0):
+        realised = []
+        for T in (250, 500, 1000):
+            d = Diffusion(linear_betas(T))
+            t0, s = start_t0(d, sigma)
+            assert t0 == t_for_sigma(d, sigma) + 1
+            abar = float(d.abar[t0 - 1])
+            assert s == pytest.approx(math.sqrt((1 - abar) / abar), rel=1e-12)
+            realised.append(s)
+        # the grid of noise levels is a few percent apart at T = 250: the same level at any T
+        assert max(realised) / min(realised) < 1.05
+        assert all(abs(s / sigma - 1) < 0.05 for s in realised)
+    d = Diffusion(linear_betas(250))
+    assert start_t0(d, 1e6)[0] == 250  # past the schedule's end: the start is pure noise
+
+
+def test_generation_job_rows_references_and_memorisation(world, job):
+    run_dir, res = job
+    d = Diffusion(linear_betas(30))
+    assert res["n"] == N and res["T"] == 30
+    assert res["floor"]["n"] == N and res["floor_heldout"]["n"] == N
+    assert res["floor"]["fid_vs_train"] > 0 and res["floor_heldout"]["fid"] > 0
+    assert res["references"]["heldout"] == {"n": 16 - N,
+                                            "excluded": ["test-000000", f"test-00000{N - 1}"]}
+    # 1.01 lands on 1.0's step; 1e6 on t0 = T, where the estimate is no longer used
+    assert [(s["sigma_t0"], s["why"][:6]) for s in res["skipped"]] == \
+        [(1.01, "same t"), (1e6, "t0 = T")]
+    arms = [(r["arm"], r["source"], r["sigma_t0"], r["steps"], r["nfe"]) for r in res["arms"]]
+    starts = [a for a in arms if a[0] in ("dip_start", "clean_start")]
+    assert arms[:7] == [("ddpm", None, None, k, k) for k in (2, 3, 5, 30)] + \
+        [("ddim", None, None, k, k) for k in (2, 3, 5)]  # K = 3: the starts' NFE, added
+    assert starts == [(arm, src, s, 3, 3) for src in ("train", "heldout", "data_free")
+                      for s in (0.3, 1.0) for arm in ("dip_start", "clean_start")
+                      if not (src == "data_free" and arm == "clean_start")]
+    assert [(r["arm"], r["source"]) for r in res["arms"] if r["arm"] == "dip_estimate"] == \
+        [("dip_estimate", s) for s in ("train", "heldout", "data_free")]
+    for r in res["arms"]:
+        assert (run_dir / r["grid"]).is_file()
+        assert {"nfe", "dip_iters", "seconds_per_sample", "fid", "kid", "fid_heldout",
+                "kid_heldout", "kid_std_heldout"} <= set(r)
+        assert "passes" not in r and "gflop_per_sample" not in r
+        assert r["fid"] >= 0 and r["fid_heldout"] >= 0
+        if r["sigma_t0"] is not None:  # the t0 used is the one the noise level maps to
+            assert (r["t0"], r["sigma_t0_realised"]) == pytest.approx(start_t0(d, r["sigma_t0"]))
+        mem = r["memorisation"]
+        if r["source"] in ("train", "heldout"):  # beside every start from data
+            assert 0 <= mem["source_match"] <= 1 and mem["source_distance_median"] >= 0
+            assert mem["features"]["test"]["median"] > 0
+        elif r["source"] == "data_free":
+            assert "source_match" not in mem and r["dip_iters"] == 0
+        if r["arm"] == "dip_start" and r["source"] != "data_free":
+            assert r["dip_iters"] == 5 and r["seconds_per_sample"] > r["reverse_seconds_per_sample"]
+        if r["arm"] == "clean_start":
+            assert r["dip_iters"] == 0
+    assert res["sources"]["data_free"]["dip_source"] == "untrained"
+    assert res["sources"]["heldout"]["keys"] == ["test-000000", f"test-00000{N - 1}"]
+    assert next(r for r in res["arms"] if r["arm"] == "ddim" and r["steps"] == 5)["memorisation"]
+    table = (run_dir / "table.md").read_text()
+    assert "| clean_start | train | 0.3 (" in table and "floor FID" in table
+    assert "skipped sigma_t0 = 1.01" in table
+    assert (run_dir / "fid_vs_steps.png").is_file()
+
+
+def test_heldout_reference_excludes_the_start_images(world, job):
+    _, res = job
+    clf, data = world["clf"], world["data"]
+    feats, ref_keys, excluded = heldout_reference(clf, data, N)
+    _, start_keys = first_images(data, "test", N, "protocol.gen_num")
+    assert excluded == start_keys and not set(ref_keys) & set(start_keys)
+    from dipddpm.data import load_split
+
+    _, _, all_keys = load_split(data, "test")
+    assert sorted(ref_keys + start_keys) == sorted(all_keys)
+    rows = [list(all_keys).index(k) for k in ref_keys]
+    np.testing.assert_array_equal(feats, split_features(clf, data, "test")[rows])
+    assert res["references"]["heldout"]["n"] == len(ref_keys)
+
+
+def test_clean_control_is_the_forward_diffused_image(world, tmp_path):
+    """With a model that predicts no noise, one DDIM step from x_t0 returns x_t0 / sqrt(abar):
+    the clean_start rows' samples must be exactly the source images diffused to t0 with the
+    protocol's per-batch noise, so their distance to the source is known to the last bit."""
+    cfg = load_config("configs/generation.yaml", [
+        f"protocol.gen_num={N}", "protocol.gen_ddim_steps=[1]", "protocol.gen_ddpm=false",
+        "protocol.gen_sigma_t0s=[0.05]", "protocol.gen_steps=1", "protocol.batch_size=4",
+        "protocol.gen_sources=[train, heldout]", f"run.dir={tmp_path}", *TINY_DIP,
+        *world["base"]])
+    _, diffusion, _ = load_trained(world["ddpm"], cfg, "cpu")
+    res = generation(cfg, ZeroEps(), diffusion, torch.device("cpu"), world["clf"], tmp_path,
+                     log=lambda *a: None)
+    t0, _ = start_t0(diffusion, 0.05)
+    t = torch.full((N,), t0 - 1, dtype=torch.long)
+    for source, split in (("train", "train"), ("heldout", "test")):
+        clean, _ = first_images(world["data"], split, N, "protocol.gen_num")
+        x0 = to_diffusion(torch.from_numpy(clean))
+        eps = torch.cat([torch.randn((m, 1, 28, 28), generator=torch.Generator("cpu").manual_seed(
+            cfg.run.seed * 1_000_003 + b)) for b, m in enumerate((4, N - 4))])
+        x = (diffusion.q_sample(x0, t, eps) / diffusion.sqrt_abar[t0 - 1].float()).clamp(-1, 1)
+        a = to_uint8(x).reshape(N, -1).astype(np.float64) / 255
+        b = to_uint8(x0).reshape(N, -1).astype(np.float64) / 255
+        expected = float(np.median(np.sqrt(((a - b) ** 2).sum(1))))
+        rows = {r["arm"]: r for r in res["arms"] if r["source"] == source}
+        got = rows["clean_start"]["memorisation"]["source_distance_median"]
+        assert got == pytest.approx(expected, abs=1e-12) and expected > 0
+        # the DIP start of the same images, same noise, is not the clean image's chain
+        assert rows["dip_start"]["memorisation"]["source_distance_median"] != \
+            pytest.approx(expected, abs=1e-6)
+        assert rows["clean_start"]["t0"] == t0 and rows["clean_start"]["nfe"] == 1
+
+
+def test_data_free_source_needs_no_image(tmp_path):
+    base = [f"data.dir={tmp_path / 'no-data-here'}", f"protocol.gen_num={N}", *TINY_DIP]
+    untrained = data_free_source(load_config(None, base), "cpu")
+    again = data_free_source(load_config(None, base), "cpu")
+    fitted = data_free_source(load_config(None, [*base, "protocol.gen_data_free_iters=3"]), "cpu")
+    assert untrained.keys == [f"noise-{i:06d}" for i in range(N)] and untrained.clean is None
+    assert (untrained.dip_source, untrained.dip_iters) == ("untrained", 0.0)
+    assert (fitted.dip_source, fitted.dip_iters) == ("fitted to noise", 3.0)
+    for src in (untrained, fitted):
+        assert src.estimate.shape == (N, 1, 28, 28)
+        assert 0 <= float(src.estimate.min()) and float(src.estimate.max()) <= 1
+    torch.testing.assert_close(untrained.estimate, again.estimate, rtol=0, atol=0)
+    assert not torch.equal(untrained.estimate, fitted.estimate)
+    assert not torch.equal(untrained.estimate[0], untrained.estimate[1])  # one net per key
+
+
+def test_memorisation_detects_copies_of_the_source(world):
+    from dipddpm.data import load_split
+
+    train, _, _ = load_split(world["data"], "train")
+    u = torch.from_numpy(train[:N]).float().div(255).unsqueeze(1)
+    mem = _memorisation(world["clf"], world["data"], to_diffusion(u), u)
+    assert mem["source_match"] == 1.0 and mem["pixels"]["exact_copies"] == N
+    assert mem["pixels"]["ratio_median"] == 0.0 and mem["source_distance_median"] == 0.0
+    # the same samples against other images as their "sources": not theirs
+    mem = _memorisation(world["clf"], world["data"], to_diffusion(u), u.flip(0))
+    assert mem["source_match"] == 0.0
+
+
+def test_retired_index_key_and_bad_generation_keys(world, tmp_path, capsys):
+    run_dir = tmp_path / "gen"
+    assert run_job(generate_main, job_args(world, run_dir, "protocol.gen_t0s=[5]")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: protocol.gen_t0s = [5]: retired")
+    assert not run_dir.exists()  # nothing half-written
+    with pytest.raises(ConfigError, match="protocol.gen_sources"):
+        load_config(None, ["protocol.gen_sources=[train, nope]"])
+    with pytest.raises(ConfigError, match="protocol.gen_sigma_t0s"):
+        load_config(None, ["protocol.gen_sigma_t0s=[0.5, 0]"])
+    with pytest.raises(ConfigError, match="protocol.gen_data_free_iters"):
+        load_config(None, ["protocol.gen_data_free_iters=-1"])
+    # a config.yaml written before the key was retired (a training run's) still loads
+    old = load_config(None, []).to_dict()
+    old["protocol"]["gen_t0s"] = [100, 250, 500]
+    assert config_from_dict(old).protocol.gen_t0s == [100, 250, 500]
+
+
+def test_report_shows_both_references_and_the_controls(job):
+    run_dir, res = job
+    root = run_dir.parent
+    assert run_job(report_main, [str(root), f"run.dir={root / 'report'}",
+                                 "wandb.mode=disabled"]) == 0
+    text = (root / "REPORT.md").read_text()
+    gen = text[text.index("### Generation"):]
+    assert "FID vs held-out" in gen and "without the held-out start images" in gen
+    row = next(r for r in res["arms"] if r["arm"] == "clean_start" and r["source"] == "heldout")
+    assert f"| heldout | {row['sigma_t0']:g} ({row['sigma_t0_realised']:.3f}) " \
+           f"| {row['fid_heldout']:.2f} |" in gen
+    how = text[text.index("## How to read this"):text.index("## The study's tables")]
+    d = min((r for r in res["arms"] if r["arm"] == "dip_start" and r["source"] == "heldout"),
+            key=lambda r: r["fid_heldout"])
+    assert (f"DIP start from held-out test images, FID vs train / vs held-out statistics: best "
+            f"{d['fid']:.2f} / {d['fid_heldout']:.2f} (sigma_t0 {d['sigma_t0']:g}, 3 NFE + 5 DIP "
+            f"iterations); ") in how
+    assert "; the clean image itself at that sigma_t0 " in how
+    assert "gen/fid_vs_steps.png" in text
