@@ -177,5 +177,10 @@ def read_shards(data_dir, entries: list[dict]) -> tuple[np.ndarray, np.ndarray, 
 
 
 def load_split(data_dir, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Every sample of a split in index order: (images uint8 [N,28,28], labels int64, keys)."""
-    return read_shards(data_dir, split_entries(data_dir, split))
+    """Every sample of a split in index order: (images uint8 [N,28,28], labels int64, keys).
+    A bad manifest or shard is a one-line DataError (see read_shards), and so is any other
+    failure to read the files (permissions, a disk error)."""
+    try:
+        return read_shards(data_dir, split_entries(data_dir, split))
+    except OSError as e:
+        raise DataError(f"{data_dir}: cannot read the {split} split: {e}") from None

@@ -16,14 +16,15 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from dipddpm.artifacts import fmt
 from dipddpm.config import Config
 from dipddpm.evaluate.inception import describe as describe_inception
 from dipddpm.protocols.restoration import (TABLE_COLUMNS, answer_sentences, table_cells,
                                            task_intro)
 from dipddpm.report.discover import Runs, discover
 from dipddpm.report.table_plots import attach_plots
-from dipddpm.report.tables import (VARIANTS, Table, best_fit, fmt, fmt_loss, main_T,
-                                   rel, study_tables)
+from dipddpm.report.tables import (VARIANTS, Table, best_fit, fmt_loss, main_T, rel,
+                                   study_tables)
 from dipddpm.runs import METRICS_FILE, SAMPLES_DIR, atomic_path, atomic_write_text, read_jsonl
 
 REPORT_FILE = "REPORT.md"

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 import yaml
 
+from dipddpm.artifacts import save_grid
 from dipddpm.config import Config, ConfigError, config_from_dict
 from dipddpm.diffusion import Diffusion, sample
 from dipddpm.models.unet import build_unet
 from dipddpm.runs import CONFIG_FILE, SAMPLES_DIR, atomic_write_bytes, atomic_write_json, \
     prepare_run_dir
 from dipddpm.train.checkpoint import find_weights, load_ema_weights
-from dipddpm.train.grid import save_grid
 
 
 def training_config_path(weights: Path):
