@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from dipddpm.runs import atomic_path
+
+if TYPE_CHECKING:  # torch is not imported here: `import dipddpm.artifacts` stays cheap
+    import torch
 
 DASH = "—"  # a table cell with no value
 
@@ -57,7 +60,7 @@ def save_png(fig, path, dpi: int = 110) -> Path:
 
 def grid_array(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
     """images in [-1, 1], [N, C, H, W] (C = 1 or 3) -> uint8 [rows, cols(, 3)], white padding."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().numpy().astype(np.uint8)
     n, c, h, w = x.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / nrow)

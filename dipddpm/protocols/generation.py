@@ -47,10 +47,21 @@ from typing import Optional
 import numpy as np
 import torch
 
+from dipddpm.artifacts import pyplot, save_grid, save_png
 from dipddpm.config import Config, ConfigError, UserError
+from dipddpm.data import load_split
 from dipddpm.diffusion import Diffusion, ddim_sample, ddpm_sample
+from dipddpm.dip.degrade import degrade
+from dipddpm.dip.priors import load_priors
+from dipddpm.evaluate import (classifier_dir, load_classifier, memorisation_check,
+                              real_vs_real_floor, sample_metrics)
+from dipddpm.evaluate.inception import describe, floor_fid, inception_fid, load_inception
 from dipddpm.protocols.arms import CountingModel, to_diffusion
-from dipddpm.runs import atomic_path
+from dipddpm.protocols.restoration import fit_dip
+from dipddpm.runs import (RESULTS_FILE, SAMPLES_DIR, atomic_path, atomic_write_json,
+                          atomic_write_text, prepare_run_dir, read_json)
+from dipddpm.tracking import Tracker
+from dipddpm.train.generate import load_trained
 
 COLUMNS = ["arm", "steps", "t0", "nfe", "dip_iters", "passes", "fid", "kid", "kid_std",
            "seconds_per_sample", "source_match"]
@@ -59,14 +70,9 @@ COLUMNS = ["arm", "steps", "t0", "nfe", "dip_iters", "passes", "fid", "kid", "ki
 def train_priors(cfg: Config, device) -> tuple[torch.Tensor, list[str], float, float, str]:
     """(estimates [N,1,28,28] in [0,1], keys, DIP iterations, s/image, source) for the first
     gen_num training images: from protocol.gen_priors_dir, or fitted here with cfg.dip."""
-    from dipddpm.data import load_split
-
     n = cfg.protocol.gen_num
     folder = cfg.protocol.gen_priors_dir
     if folder:
-        from dipddpm.dip.priors import load_priors
-        from dipddpm.runs import read_json
-
         manifest = read_json(Path(folder) / "manifest.json") \
             if (Path(folder) / "manifest.json").exists() else None
         if manifest is None:
@@ -82,14 +88,12 @@ def train_priors(cfg: Config, device) -> tuple[torch.Tensor, list[str], float, f
         wall = sum(e.get("wall_s", 0.0) for e in manifest["shards"])
         return (torch.from_numpy(p["x0_hat"][:n]).float(), list(p["key"][:n]),
                 float(p["iters"][:n].mean()), wall / max(fitted, 1), f"priors:{folder}")
-    from dipddpm.protocols.restoration import fit_dip
 
     images, _, keys = load_split(cfg.data.dir, "train")
     if n > len(images):
         raise ConfigError(f"protocol.gen_num = {n}: the train split has {len(images)} images")
     clean = images[:n].astype(np.float32)[:, None] / 255.0
     keys = list(keys[:n])
-    from dipddpm.dip.degrade import degrade
 
     y, mask = degrade(clean, keys, cfg.dip.task, run_seed=cfg.run.seed, sigma=cfg.dip.sigma,
                       box=cfg.dip.box, keep_fraction=cfg.dip.keep_fraction)
@@ -133,8 +137,6 @@ def save_distances(path: Path, arrays: dict) -> str:
 
 
 def _memorisation(clf, data_dir, x: torch.Tensor, source_keys: Optional[list[str]]) -> dict:
-    from dipddpm.evaluate import memorisation_check
-
     rep = memorisation_check(clf, data_dir, x)
     out = {}
     for space in ("pixels", "features"):
@@ -156,19 +158,12 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
                info: dict | None = None, log=print) -> dict:
     """Every arm of the generation protocol; writes a sample grid per arm under run_dir/samples
     and returns the results.json dict."""
-    from dipddpm.evaluate import real_vs_real_floor, sample_metrics
-    from dipddpm.runs import SAMPLES_DIR
-    from dipddpm.train.grid import save_grid
-
     p, data_dir, seed = cfg.protocol, cfg.data.dir, cfg.run.seed
     n = p.gen_num
     c = cfg.classifier
     kid_subset = min(c.kid_subset, n)
     inc = None
     if c.inception_weights:  # loaded first: a bad weights file fails before any real work
-        from dipddpm.evaluate.classifier import classifier_dir
-        from dipddpm.evaluate.inception import floor_fid, inception_fid, load_inception
-
         inc = load_inception(c.inception_weights, device, c.inception_batch_size)
         inc_dir = classifier_dir(cfg)
     floor = real_vs_real_floor(clf, data_dir, n, seed=seed, kid_subset=kid_subset,
@@ -248,8 +243,6 @@ def table_markdown(results: dict) -> str:
              f"({results['dip_seconds_per_image']:.2f} s/image), device {results['device']}.", ""]
     inc = results.get("inception")
     if inc:
-        from dipddpm.evaluate.inception import describe
-
         lines += [f"{describe(inc)} (`{inc['weights']}`); floor {f['fid_inception']:.2f} at "
                   f"N = {f['n']}.", ""]
     lines += ["| arm | t0 | K | NFE | DIP iters | FID | KID | s/sample | NN dist. ratio (px) "
@@ -274,8 +267,6 @@ def table_markdown(results: dict) -> str:
 
 
 def fid_plot(results: dict, path: Path) -> Path:
-    from dipddpm.report.plots import pyplot, save_png
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     arms = results["arms"]
@@ -306,11 +297,6 @@ def fid_plot(results: dict, path: Path) -> Path:
 def run_generation(cfg: Config, device=None) -> dict:
     """The job: trained model + classifier -> results.json, table.md, fid_vs_steps.png and
     sample grids in run.dir, logged to W&B."""
-    from dipddpm.evaluate import classifier_dir, load_classifier
-    from dipddpm.runs import RESULTS_FILE, atomic_write_json, atomic_write_text, prepare_run_dir
-    from dipddpm.tracking import Tracker
-    from dipddpm.train.generate import load_trained
-
     run_dir = prepare_run_dir(cfg)
     model, diffusion, info = load_trained(cfg.protocol.checkpoint or cfg.run.dir, cfg, device)
     device = next(model.parameters()).device
