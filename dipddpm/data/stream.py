@@ -14,8 +14,9 @@ batches first; so every rank computes all ranks' batch counts from the manifest 
 at the smallest. The samples past that point on the larger ranks are skipped for this epoch
 (a different set each epoch, since the shard order is reshuffled).
 
-The loader is deliberately not an `accelerator.prepare()` object: Accelerate would shard the
-already-sharded stream again (see INFRA.md).
+The loader is deliberately not an `accelerator.prepare()` object: a prepared loader hands each
+process only its share of the batches, so a stream already split by rank would be split a
+second time and every rank would train on a fraction of its own shards.
 """
 from __future__ import annotations
 
