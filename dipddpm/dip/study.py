@@ -299,7 +299,7 @@ def dip_psnr_plot(path, curves: Sequence,
     return save_png(fig, path, dpi=120)
 
 
-def run_study(cfg: Config, *, progress: bool = True) -> dict:
+def run_dip_table(cfg: Config, *, progress: bool = True) -> dict:
     """Fit every sigma of dip.sigmas, write run.dir/{results.json, table.md, psnr.png}, log to
     W&B; return the results dict."""
     run_dir = prepare_run_dir(cfg, reads=READS)
