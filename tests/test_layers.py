@@ -128,6 +128,19 @@ def test_no_import_cycles():
     assert cycles == [], f"modules importing each other: {cycles}"
 
 
+def test_no_module_imports_a_private_name_of_another():
+    """A helper used by two modules is public (`load_split`, not `_load_split`)."""
+    wrong = []
+    for m, path in library_modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.level or
+                                                     (node.module or "").startswith("dipddpm")):
+                wrong += [f"{m}:{node.lineno} imports {a.name} from {node.module}"
+                          for a in node.names if a.name.startswith("_")
+                          and not a.name.startswith("__")]
+    assert wrong == [], "\n".join(wrong)
+
+
 def test_a_job_imports_no_other_job():
     jobs = Path(REPO) / "jobs"
     files = sorted(jobs.glob("*.py"))

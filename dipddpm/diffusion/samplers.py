@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from dipddpm.diffusion.schedule import Diffusion, _gather
+from dipddpm.diffusion.schedule import Diffusion, gather
 
 
 def _generator(generator, device) -> torch.Generator:
@@ -135,7 +135,7 @@ def ddim_sample(model, diffusion: Diffusion, shape=None, *, steps: int = 50, eta
             x = x0
             break
         prev = torch.full_like(t, ts[k + 1])
-        ab, ab_prev = _gather(diffusion.abar, t, x), _gather(diffusion.abar, prev, x)
+        ab, ab_prev = gather(diffusion.abar, t, x), gather(diffusion.abar, prev, x)
         sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
         x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         if eta > 0:
