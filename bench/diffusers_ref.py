@@ -10,7 +10,6 @@ net halves three times).
   unet-small  2,187,025 <->  (28, 56, 112), 1 layer per block, GroupNorm(4), attention at 7x7:
                              2,095,269
   unet-medium 15,443,009 <-> (64, 128, 256), 2 layers per block, attention at 14x14: 14,735,745
-                             (the net behind the H100 anchors in ../shared/ANCHORS.md)
 """
 from __future__ import annotations
 

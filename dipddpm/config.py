@@ -33,6 +33,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from dipddpm.registry import TASKS, UNET_NAMES
+
 
 class UserError(Exception):
     """An error caused by the user's input; jobs print it as one line and exit 2."""
@@ -102,13 +104,11 @@ class WandbConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "unet-small"  # a key of dipddpm.models.unet.UNET_CONFIGS
+    name: str = "unet-small"  # one of dipddpm.registry.UNET_NAMES (dipddpm.models.unet)
 
     def check(self, fail):
-        from dipddpm.models.unet import UNET_CONFIGS  # late: keeps config importable alone
-
-        if self.name not in UNET_CONFIGS:
-            fail("name", self.name, f"unknown model; choose from {sorted(UNET_CONFIGS)}")
+        if self.name not in UNET_NAMES:
+            fail("name", self.name, f"unknown model; choose from {sorted(UNET_NAMES)}")
 
 
 @dataclass
@@ -404,8 +404,6 @@ class ProtocolConfig:
     gen_heldout_priors_dir: str = ""  # priors of TEST images; empty -> fit gen_num of them here
 
     def check(self, fail):
-        from dipddpm.dip.degrade import TASKS  # late: keeps config importable alone
-
         for key in ("num_images", "batch_size", "gen_num", "gen_steps"):
             if getattr(self, key) < 1:
                 fail(key, getattr(self, key), "must be >= 1")

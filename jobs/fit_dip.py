@@ -7,12 +7,12 @@ Writes D/config.yaml, D/results.json (schema in dipddpm/dip/study.py), D/table.m
 the study's numbers), D/psnr.png, D/metrics.jsonl and D/wandb/.
 """
 from dipddpm.cli import exit_with, job_parser, parse_config
-from dipddpm.dip.study import run_study
+from dipddpm.dip.study import run_dip_table
 
 
 def main(argv=None):
     cfg, _ = parse_config(job_parser(__doc__.splitlines()[0], "configs/dip_denoise.yaml"), argv)
-    return run_study(cfg)
+    return run_dip_table(cfg)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 from dipddpm.config import load_config
 from dipddpm.data import load_split, make_loader, verify_dataset
 from dipddpm.data.prepare import prepare_data
-from dipddpm.data.shards import MANIFEST, PARTIAL, sha256_file
+from dipddpm.data.shards import MANIFEST, PARTIAL
 from tests.conftest import REPO, make_idx_folder, run_module, write_idx
 
 

@@ -20,7 +20,7 @@ def test_schedules():
     assert Diffusion(linear_betas(200, scale=False)).abar[-1] > 0.1
     cos = Diffusion(cosine_betas(1000))
     assert torch.all(cos.abar[1:] < cos.abar[:-1]) and cos.abar[-1] < 1e-8
-    # ANCHORS: sigma = 25/255 on [0,1] is 50/255 on [-1,1] -> t* ~ 56 for T=1000 linear
+    # noise std 25/255 on [0,1] is 50/255 on [-1,1] -> t* ~ 56 for T=1000 linear
     assert t_for_sigma(lin, 2 * 25 / 255) == 56
 
 

@@ -128,7 +128,7 @@ def test_scope_limits_the_check_to_what_a_job_reads(tmp_path):
         check_run_dir(other)
     from dipddpm.train.loop import reads
 
-    assert check_run_dir(other, reads(other)) == {"protocol.t0s": [[50, 100, 200], [7]],
+    assert check_run_dir(other, reads(other)) == {"protocol.t0s": [[], [7]],
                                                   "dip.lr": [0.01, 0.5]}
     variant = load_config(None, [f"run.dir={tmp_path}", "dip.lr=0.5", "train.noise=dip"])
     with pytest.raises(ConfigError, match="dip.lr"):  # the study's variant trains with the DIP

@@ -85,6 +85,7 @@ def read_idx_split(folder: str | os.PathLike, split: str) -> tuple[np.ndarray, n
 
 def read_torchvision_split(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
     """torchvision's FashionMNIST with download (for machines with internet access)."""
+    # late: importing torchvision costs seconds, and only data.source=torchvision needs it
     from torchvision.datasets import FashionMNIST
 
     try:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from dipddpm.config import Config
 from dipddpm.data.idx import CLASS_NAMES, read_source, resolve_source

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import webdataset as wds
 from tqdm import tqdm
+from webdataset.tariterators import tarfile_samples
 
 from dipddpm.data.idx import NUM_CLASSES, DataError
 from dipddpm.runs import atomic_path, atomic_write_json, ensure_dir, read_json
@@ -65,8 +67,6 @@ def _npy_bytes(image: np.ndarray) -> bytes:
 
 
 def _write_shard(path: Path, split: str, first: int, images: np.ndarray, labels: np.ndarray):
-    import webdataset as wds
-
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             with wds.TarWriter(f, mtime=0, user="", group="") as sink:
@@ -291,8 +291,6 @@ def shard_samples(folder, entries: list[dict], hint: str) -> Iterator[dict]:
     """The samples of the shards of `entries`, in order, each shard's sample count checked
     against its entry: a tar error, or a shard that ends early or runs long, is a DataError
     naming the shard and `hint` (a tar cut at a member boundary reads as a normal end)."""
-    from webdataset.tariterators import tarfile_samples
-
     for e in entries:
         path = Path(folder) / e["name"]
         n = 0

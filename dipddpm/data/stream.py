@@ -14,8 +14,9 @@ batches first; so every rank computes all ranks' batch counts from the manifest 
 at the smallest. The samples past that point on the larger ranks are skipped for this epoch
 (a different set each epoch, since the shard order is reshuffled).
 
-The loader is deliberately not an `accelerator.prepare()` object: Accelerate would shard the
-already-sharded stream again (see INFRA.md).
+The loader is deliberately not an `accelerator.prepare()` object: a prepared loader hands each
+process only its share of the batches, so a stream already split by rank would be split a
+second time and every rank would train on a fraction of its own shards.
 """
 from __future__ import annotations
 
@@ -177,5 +178,10 @@ def read_shards(data_dir, entries: list[dict]) -> tuple[np.ndarray, np.ndarray, 
 
 
 def load_split(data_dir, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Every sample of a split in index order: (images uint8 [N,28,28], labels int64, keys)."""
-    return read_shards(data_dir, split_entries(data_dir, split))
+    """Every sample of a split in index order: (images uint8 [N,28,28], labels int64, keys).
+    A bad manifest or shard is a one-line DataError (see read_shards), and so is any other
+    failure to read the files (permissions, a disk error)."""
+    try:
+        return read_shards(data_dir, split_entries(data_dir, split))
+    except OSError as e:
+        raise DataError(f"{data_dir}: cannot read the {split} split: {e}") from None

@@ -9,7 +9,9 @@ Both return (samples, nfe). Conventions (also in dipddpm/diffusion/__init__.py):
 - t0 = T (or t0 None, or x0_hat None) is ordinary sampling: the start is N(0, I), as in DDPM,
   and x0_hat is not used (its weight sqrt(abar[T-1]) is < 1% for the default schedules).
 - `x_start` gives the state at index t0-1 directly (no noise is added), e.g. a noisy
-  observation already scaled to match q(x_t | x_0) (see ANCHORS: denoising as a direct start).
+  observation already scaled to match q(x_t | x_0): y = x0 + sigma n times sqrt(abar_t) at the
+  step t whose noise level sqrt((1 - abar_t) / abar_t) is sigma (the restoration protocol's
+  direct start, docs/protocols.md).
 - Randomness comes only from `generator` (a torch.Generator on the samples' device, or an int
   seed): the first draw is the start noise (shape of the batch), then one draw per step that
   adds noise. DDPM and DDIM with eta = 1 over all steps draw identically, so with the same seed
@@ -21,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from dipddpm.diffusion.schedule import Diffusion, _gather
+from dipddpm.diffusion.schedule import Diffusion, gather
 
 
 def _generator(generator, device) -> torch.Generator:
@@ -133,7 +135,7 @@ def ddim_sample(model, diffusion: Diffusion, shape=None, *, steps: int = 50, eta
             x = x0
             break
         prev = torch.full_like(t, ts[k + 1])
-        ab, ab_prev = _gather(diffusion.abar, t, x), _gather(diffusion.abar, prev, x)
+        ab, ab_prev = gather(diffusion.abar, t, x), gather(diffusion.abar, prev, x)
         sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
         x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         if eta > 0:

@@ -29,7 +29,7 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Ten
     return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
 
 
-def _gather(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def gather(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """a[t] shaped [B,1,1,1] in x's dtype and device."""
     return a.to(device=x.device)[t.to(x.device)].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
@@ -37,7 +37,7 @@ def _gather(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class Diffusion:
     """A DDPM schedule plus the maps between x_0, eps, v and x_t that training and samplers use.
 
-    Tables are float64 on the CPU; `_gather` moves the rows it needs to x's device and dtype, so
+    Tables are float64 on the CPU; `gather` moves the rows it needs to x's device and dtype, so
     one object serves CPU and GPU, fp32 and fp64 callers.
     """
 
@@ -71,30 +71,30 @@ class Diffusion:
     # ------------------------------------------------------------------ forward process
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) noise."""
-        return _gather(self.sqrt_abar, t, x0) * x0 + _gather(self.sqrt_one_minus_abar, t, x0) * noise
+        return gather(self.sqrt_abar, t, x0) * x0 + gather(self.sqrt_one_minus_abar, t, x0) * noise
 
     def posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean and variance of q(x_{t-1} | x_t, x_0); at t = 0 the variance is 0."""
-        mean = _gather(self.posterior_coef1, t, x_t) * x0 + _gather(self.posterior_coef2, t, x_t) * x_t
-        return mean, _gather(self.posterior_var, t, x_t)
+        mean = gather(self.posterior_coef1, t, x_t) * x0 + gather(self.posterior_coef2, t, x_t) * x_t
+        return mean, gather(self.posterior_var, t, x_t)
 
     # ------------------------------------------------------------------ parameterisations
     def v_target(self, x0, t, noise):
         """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho, 2022)."""
-        return _gather(self.sqrt_abar, t, x0) * noise - _gather(self.sqrt_one_minus_abar, t, x0) * x0
+        return gather(self.sqrt_abar, t, x0) * noise - gather(self.sqrt_one_minus_abar, t, x0) * x0
 
     def target(self, x0, t, noise):
         return noise if self.prediction == "eps" else self.v_target(x0, t, noise)
 
     def predict_x0_eps(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor):
         """(x0, eps) implied by the network output `out` at (x_t, t)."""
-        a, s = _gather(self.sqrt_abar, t, x_t), _gather(self.sqrt_one_minus_abar, t, x_t)
+        a, s = gather(self.sqrt_abar, t, x_t), gather(self.sqrt_one_minus_abar, t, x_t)
         if self.prediction == "eps":
             return (x_t - s * out) / a, out
         return a * x_t - s * out, s * x_t + a * out
 
     def eps_from_x0(self, x_t, t, x0):
-        a, s = _gather(self.sqrt_abar, t, x_t), _gather(self.sqrt_one_minus_abar, t, x_t)
+        a, s = gather(self.sqrt_abar, t, x_t), gather(self.sqrt_one_minus_abar, t, x_t)
         return (x_t - a * x0) / s
 
     # ------------------------------------------------------------------ training

@@ -16,8 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from dipddpm.dip.seeds import sample_seed
-
-TASKS = ("denoise", "inpaint_box", "inpaint_random")
+from dipddpm.registry import TASKS  # the schema checks protocol.tasks against the same names
 OBSERVATIONS = ("gaussian", "clipped")
 
 

@@ -34,6 +34,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import webdataset as wds
 from tqdm import tqdm
 
 from dipddpm.config import Config, ConfigError, DIPConfig, is_neutral
@@ -109,8 +110,6 @@ def _npy(a: np.ndarray) -> bytes:
 
 
 def _write_prior_tar(path: Path, keys: list[str], part: dict) -> None:
-    import webdataset as wds
-
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             with wds.TarWriter(f, mtime=0, user="", group="") as sink:

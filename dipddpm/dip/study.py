@@ -33,16 +33,22 @@ import json
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from dipddpm.artifacts import pyplot, save_png
 from dipddpm.config import Config, ConfigError, DIPConfig, is_neutral
+from dipddpm.data import load_split
 from dipddpm.dip.degrade import degrade
 from dipddpm.dip.fit import FitSettings, fit_by_key
 from dipddpm.dip.metrics import psnr
 from dipddpm.models.dip import SkipSpec
+from dipddpm.runs import (RESULTS_FILE, atomic_path, atomic_write_json, atomic_write_text,
+                          prepare_run_dir)
+from dipddpm.tracking import Tracker
 
 # The study's DIP PSNR (dB) at 50, 100, ..., 400 iterations (its noise level is not stated).
 STUDY_ITERS = [50, 100, 150, 200, 250, 300, 350, 400]
@@ -70,8 +76,6 @@ class SigmaCurves:
 
 
 def load_clean(cfg: Config):
-    from dipddpm.data import load_split  # late: the data stack is only needed here
-
     images, _, keys = load_split(cfg.data.dir, cfg.dip.split)
     n = cfg.dip.num_images
     if n > len(images):
@@ -118,8 +122,6 @@ def fit_sigma(cfg: Config, clean: np.ndarray, keys: list[str], sigma: float, *,
 
     With batch_dir, each finished batch is saved there (atomically) and a rerun with the same
     settings loads it instead of fitting again: a preempted run loses at most one batch."""
-    from dipddpm.runs import atomic_path
-
     dip, seed = cfg.dip, cfg.run.seed
     y, _ = degrade(clean, keys, "denoise", run_seed=seed, sigma=sigma)
     spec = SkipSpec.from_config(dip)
@@ -269,15 +271,37 @@ def table_markdown(all_curves: list[SigmaCurves], cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def run_study(cfg: Config, *, progress: bool = True) -> dict:
+def dip_psnr_plot(path, curves: Sequence,
+                  study: tuple[Sequence[int], Sequence[float]] | None = None,
+                  title: str = "DIP denoising") -> Path:
+    """PSNR vs iteration per sigma: estimate mean ± std (band), raw mean (dashed), noisy input
+    (dotted); the study's numbers as markers. `curves` are SigmaCurves."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, c in enumerate(curves):
+        color = colors[i % len(colors)]
+        it = np.arange(1, c.psnr_est.shape[0] + 1)
+        mean, std = c.psnr_est.mean(1), c.psnr_est.std(1)
+        ax.plot(it, mean, color=color, label=f"σ={c.sigma:g} estimate (EMA)")
+        ax.fill_between(it, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+        ax.plot(it, c.psnr_raw.mean(1), color=color, linestyle="--", linewidth=0.8,
+                label=f"σ={c.sigma:g} raw output")
+        ax.axhline(c.noisy.mean(), color=color, linestyle=":", linewidth=1,
+                   label=f"σ={c.sigma:g} noisy input")
+    if study is not None:
+        ax.plot(study[0], study[1], "kx", label="study (reported)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("PSNR vs clean (dB)")
+    ax.set_title(f"{title}, N = {curves[0].psnr_est.shape[1]}" if curves else title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return save_png(fig, path, dpi=120)
+
+
+def run_dip_table(cfg: Config, *, progress: bool = True) -> dict:
     """Fit every sigma of dip.sigmas, write run.dir/{results.json, table.md, psnr.png}, log to
     W&B; return the results dict."""
-    from tqdm import tqdm
-
-    from dipddpm.report.plots import dip_psnr_plot
-    from dipddpm.runs import RESULTS_FILE, atomic_write_json, atomic_write_text, prepare_run_dir
-    from dipddpm.tracking import Tracker
-
     run_dir = prepare_run_dir(cfg, reads=READS)
     clean, keys = load_clean(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"

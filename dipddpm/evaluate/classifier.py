@@ -23,6 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dipddpm.config import Config, UserError
+from dipddpm.data import load_split
+from dipddpm.data.shards import sha256_file
+from dipddpm.evaluate.fid import cache_tag
 from dipddpm.runs import atomic_path, atomic_write_json, read_json
 
 ARCH = "fashion-cnn-v1"
@@ -86,12 +89,6 @@ def training_settings(cfg: Config) -> dict:
             "seed": cfg.run.seed}
 
 
-def sha256_file(path: Path) -> str:
-    from dipddpm.data.shards import sha256_file as sha
-
-    return sha(path)
-
-
 @dataclass
 class Classifier:
     """A loaded, verified classifier: the model (eval mode), its checkpoint's sha256, its dir."""
@@ -152,15 +149,6 @@ def load_classifier(folder, device: str | torch.device = "cpu") -> Classifier:
     return Classifier(model, metrics["sha256"], folder, metrics)
 
 
-def _load_split(data_dir, split: str):
-    from dipddpm.data import load_split
-
-    try:  # a missing/bad manifest is already a one-line DataError; a missing shard is not
-        return load_split(data_dir, split)
-    except OSError as e:
-        raise UserError(f"{data_dir}: cannot read the {split} split: {e}") from None
-
-
 @torch.no_grad()
 def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray,
              batch_size: int = 1000) -> float:
@@ -185,8 +173,8 @@ def train_classifier(cfg: Config, log=print) -> dict:
             return {**cached, "reused": True}
 
     c = cfg.classifier
-    train_x, train_y, _ = _load_split(cfg.data.dir, "train")
-    test_x, test_y, _ = _load_split(cfg.data.dir, "test")
+    train_x, train_y, _ = load_split(cfg.data.dir, "train")
+    test_x, test_y, _ = load_split(cfg.data.dir, "test")
     torch.manual_seed(cfg.run.seed)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     model = FashionCNN(c.feature_dim)
@@ -236,8 +224,6 @@ def train_classifier(cfg: Config, log=print) -> dict:
 
 def _drop_stale_caches(folder: Path, sha: str) -> None:
     """Feature caches of an older checkpoint can never be used again: remove them."""
-    from dipddpm.evaluate.fid import cache_tag
-
     for path in folder.glob("cache-*"):
         if cache_tag(sha) not in path.name:
             path.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dipddpm.config import UserError
+from dipddpm.data import load_split
 from dipddpm.runs import atomic_path, atomic_write_json, read_json
 
 
@@ -108,9 +109,7 @@ def split_features(clf, data_dir, split: str) -> np.ndarray:
             return np.load(path, allow_pickle=False)
         except (OSError, ValueError):
             pass  # a damaged cache is rebuilt below
-    from dipddpm.evaluate.classifier import _load_split
-
-    images, _, _ = _load_split(data_dir, split)
+    images, _, _ = load_split(data_dir, split)
     feats = clf.features(images)
     with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, feats, allow_pickle=False)

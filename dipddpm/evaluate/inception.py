@@ -40,7 +40,9 @@ import torch
 from torch import nn
 
 from dipddpm.config import ConfigError
-from dipddpm.evaluate.classifier import _load_split, sha256_file, to_input
+from dipddpm.data import load_split
+from dipddpm.data.shards import sha256_file
+from dipddpm.evaluate.classifier import to_input
 from dipddpm.evaluate.fid import cached_stats, feature_stats, frechet_distance
 
 KEY = "classifier.inception_weights"
@@ -94,6 +96,7 @@ def load_inception(path, device: str | torch.device = "cpu", batch_size: int = 3
                           f"({type(e).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{KEY} = {str(path)!r}: not a state dict of tensors")
+    # late: torch-fidelity is the optional `inception` extra
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     try:
@@ -130,7 +133,7 @@ def train_stats(inc: Inception, data_dir, cache_dir,
     path = Path(cache_dir) / f"inception-{inc.sha256[:16]}-train-stats-n{num}.npz"
 
     def features():
-        images, _, _ = _load_split(data_dir, "train")
+        images, _, _ = load_split(data_dir, "train")
         # FashionMNIST's train order is already shuffled across classes: the first N are a
         # fair sample, and the same N for every run
         return inc.features(images[:num])
@@ -148,7 +151,7 @@ def floor_fid(inc: Inception, data_dir, cache_dir, n: int, ref_num: int, seed: i
     """The Inception FID of N real test images against the train reference: the floor to quote
     beside a sample's. The same N test images as `fid.real_vs_real_floor` picks for its
     fid_vs_train (same seed, same draw), so both floors describe one set."""
-    test, _, _ = _load_split(data_dir, "test")
+    test, _, _ = load_split(data_dir, "test")
     if not 2 <= n <= len(test):
         raise ConfigError(f"Inception floor: N = {n} must be in 2..{len(test)} "
                           f"(the test split holds {len(test)} images)")

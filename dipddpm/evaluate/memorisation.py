@@ -13,7 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dipddpm.data import load_split
 from dipddpm.evaluate.classifier import to_uint8
+from dipddpm.evaluate.fid import split_features
 
 
 def _flat_unit(images) -> np.ndarray:
@@ -100,11 +102,8 @@ def memorisation_report(samples, train_images, test_images, sample_feats=None,
 def memorisation_check(clf, data_dir, samples, n_test: int = 1000, seed: int = 0) -> dict:
     """`memorisation_report` of `samples` against the whole train split of `data_dir`, with
     `n_test` random test images as the reference, in pixels and in `clf`'s features (cached)."""
-    from dipddpm.evaluate.classifier import _load_split
-    from dipddpm.evaluate.fid import split_features
-
-    train, _, keys = _load_split(data_dir, "train")
-    test, _, _ = _load_split(data_dir, "test")
+    train, _, keys = load_split(data_dir, "train")
+    test, _, _ = load_split(data_dir, "test")
     pick = np.sort(np.random.default_rng(seed).choice(len(test), min(n_test, len(test)),
                                                       replace=False))
     return memorisation_report(samples, train, test[pick], clf.features(samples),

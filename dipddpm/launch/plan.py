@@ -76,7 +76,8 @@ def _check_keys(keys, where: str) -> None:
 
 def shard_points(cfg: Config) -> list[dict[str, Any]]:
     """One point per data shard of priors.split, from data.dir/manifest.json."""
-    from dipddpm.data.shards import load_manifest, split_shards  # late: pulls in torch
+    # late: dipddpm.data pulls in torch, and the launcher's command lines start without it
+    from dipddpm.data.shards import load_manifest, split_shards
 
     shards = split_shards(load_manifest(cfg.data.dir), cfg.priors.split, cfg.data.dir)
     return [{"priors.shard": k} for k in range(len(shards))]

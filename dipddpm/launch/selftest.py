@@ -31,6 +31,7 @@ def _world() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
+    # late: the selftest checks the launcher on a node; only a multi-process task needs torch
     import torch
     from accelerate import Accelerator
 

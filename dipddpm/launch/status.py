@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from submitit.slurm.slurm import SlurmInfoWatcher
+
 from dipddpm.config import UserError
 from dipddpm.launch.submit import FINAL, RECORD
 from dipddpm.runs import METRICS_FILE, RESULTS_FILE, read_json, read_jsonl
@@ -58,8 +60,6 @@ def load_record(submission: str, folder: str = "runs/submissions") -> dict:
 def task_states(record: dict) -> list[str]:
     if record["executor"] == "local":
         return list(record["states"])
-    from submitit.slurm.slurm import SlurmInfoWatcher
-
     watcher = SlurmInfoWatcher()
     for job_id in record["job_ids"]:
         watcher.register_job(job_id)

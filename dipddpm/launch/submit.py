@@ -28,6 +28,8 @@ import time
 import traceback
 from pathlib import Path
 
+import submitit
+
 from dipddpm.config import UserError, load_config
 from dipddpm.launch.grid import as_overrides
 from dipddpm.launch.plan import Plan, TaskSpec
@@ -65,8 +67,6 @@ def _write(plan: Plan, record: dict) -> Path:
 
 
 def slurm_executor(plan: Plan):
-    import submitit
-
     lc = plan.cfg.launch
     ex = submitit.SlurmExecutor(folder=logs_folder(plan.folder), max_num_timeout=lc.max_num_timeout)
     params = dict(
@@ -104,8 +104,6 @@ def _task(plan: Plan) -> JobTask:
 def _submit_array(plan: Plan, argvs: list[list[str]], created: bool) -> list:
     """One submitit array of `argvs`; sbatch's refusal is a UserError (and, for a folder this
     call made, no folder is left behind)."""
-    import submitit
-
     ex = slurm_executor(plan)
     try:
         return ex.map_array(_task(plan), argvs)

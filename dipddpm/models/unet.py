@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dipddpm.registry import UNET_NAMES
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -51,6 +53,9 @@ UNET_CONFIGS: dict[str, UNetConfig] = {
     "unet-medium": UNetConfig(dim=64, mults=(1, 2, 4), num_res_blocks=2, attn_levels=(1,),
                               groups=32, head_dim=64),
 }
+if tuple(UNET_CONFIGS) != UNET_NAMES:  # the schema validates model.name against UNET_NAMES
+    raise ImportError(f"dipddpm.registry.UNET_NAMES {UNET_NAMES} != the sizes here "
+                      f"{tuple(UNET_CONFIGS)}: keep the two in step")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:

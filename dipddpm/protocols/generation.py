@@ -102,10 +102,24 @@ from typing import Optional
 import numpy as np
 import torch
 
+from dipddpm.artifacts import pyplot, save_grid, save_png
 from dipddpm.config import Config, ConfigError, UserError
+from dipddpm.data import load_split
 from dipddpm.diffusion import Diffusion, ddim_sample, ddim_timesteps, t_for_sigma
-from dipddpm.protocols.arms import ETA, CountingModel, to_diffusion
-from dipddpm.runs import atomic_path
+from dipddpm.dip.degrade import degrade
+from dipddpm.dip.fit import FitSettings, NET_SEED, fit_by_key, make_net, net_input
+from dipddpm.dip.priors import load_priors
+from dipddpm.dip.seeds import sample_seed
+from dipddpm.evaluate import (classifier_dir, feature_stats, frechet_distance, kid, load_classifier,
+                              memorisation_check, real_vs_real_floor,
+                              split_features, to_uint8, train_stats)
+from dipddpm.evaluate.inception import describe, floor_fid, inception_fid, load_inception
+from dipddpm.models.dip import SkipSpec
+from dipddpm.protocols.arms import CountingModel, ETA, to_diffusion
+from dipddpm.runs import (RESULTS_FILE, SAMPLES_DIR, atomic_path, atomic_write_json,
+                          atomic_write_text, prepare_run_dir, read_json)
+from dipddpm.tracking import Tracker
+from dipddpm.train.generate import load_trained
 
 SOURCE_SPLIT = {"train": "train", "heldout": "test"}
 COLUMNS = ["arm", "source", "sigma_t0", "sigma_t0_realised", "t0", "steps", "nfe", "dip_iters",
@@ -143,7 +157,6 @@ class Source:
 
 def first_images(data_dir, split: str, n: int, key: str) -> tuple[np.ndarray, list[str]]:
     """The first n images of a split in index order, float32 [n, 1, 28, 28] in [0, 1], keys."""
-    from dipddpm.data import load_split
 
     images, _, keys = load_split(data_dir, split)
     if n > len(images):
@@ -157,8 +170,6 @@ def fit_estimates(cfg: Config, target: np.ndarray, keys: list[str], device, *,
     """(estimates [N,1,28,28] in [0, 1], mean iterations run, s/image): one DIP per image fitted
     to `target` (where `mask` is 1) with cfg.dip's settings (iters overridden when given), via
     fit_by_key."""
-    from dipddpm.dip.fit import FitSettings, fit_by_key
-    from dipddpm.models.dip import SkipSpec
 
     dip = cfg.dip
     spec = SkipSpec.from_config(dip)
@@ -179,8 +190,6 @@ def fit_estimates(cfg: Config, target: np.ndarray, keys: list[str], device, *,
 def prior_estimates(folder: str, key: str, split: str, keys: list[str]):
     """(estimates, mean iterations, s/image, source) for `keys` from a priors dir made by
     jobs.precompute_priors for `split`; a dir that lacks them is a one-line error."""
-    from dipddpm.dip.priors import load_priors
-    from dipddpm.runs import read_json
 
     path = Path(folder) / "manifest.json"
     if not path.exists():
@@ -206,7 +215,6 @@ def prior_estimates(folder: str, key: str, split: str, keys: list[str]):
 def data_source(cfg: Config, name: str, device) -> Source:
     """The train or heldout source: the first gen_num images of its split and their DIP
     estimates (fitted to cfg.dip's degradation of each image, or from the priors dir)."""
-    from dipddpm.dip.degrade import degrade
 
     p = cfg.protocol
     split = SOURCE_SPLIT[name]
@@ -227,9 +235,6 @@ def data_source(cfg: Config, name: str, device) -> Source:
 def data_free_source(cfg: Config, device) -> Source:
     """gen_num DIP outputs made without any image: each key's net untrained (k = 0: its output
     for its fixed input z, no jitter) or fitted k iterations to a U[0, 1) noise target."""
-    from dipddpm.dip.fit import NET_SEED, FitSettings, make_net, net_input
-    from dipddpm.dip.seeds import sample_seed
-    from dipddpm.models.dip import SkipSpec
 
     n, k = cfg.protocol.gen_num, cfg.protocol.gen_data_free_iters
     keys = [f"noise-{i:06d}" for i in range(n)]
@@ -259,8 +264,6 @@ def data_free_source(cfg: Config, device) -> Source:
 def heldout_reference(clf, data_dir, n: int) -> tuple[np.ndarray, list[str], list[str]]:
     """(features, keys) of the held-out reference, the test split without its first n images
     (the held-out source's start images), and the n excluded keys."""
-    from dipddpm.data import load_split
-    from dipddpm.evaluate import split_features
 
     _, _, keys = load_split(data_dir, "test")
     feats = split_features(clf, data_dir, "test")  # index order, as load_split's keys
@@ -281,7 +284,6 @@ class Reference:
 def fid_kid(feats: np.ndarray, ref: Reference, kid_subset: int, kid_subsets: int,
             seed: int) -> tuple[float, float, float]:
     """(FID, KID, KID std) of features against a reference."""
-    from dipddpm.evaluate import feature_stats, frechet_distance, kid
 
     k_mean, k_std = kid(feats, ref.features, kid_subset, kid_subsets, seed)
     return frechet_distance(*feature_stats(feats), ref.mu, ref.sigma), k_mean, k_std
@@ -291,7 +293,6 @@ def heldout_floor(clf, data_dir, ref: Reference, n: int, kid_subset: int, kid_su
                   seed: int) -> dict:
     """The real-vs-real floor of the held-out reference at N: n random train images (real,
     and outside the reference) against it."""
-    from dipddpm.evaluate import split_features
 
     train = split_features(clf, data_dir, "train")
     a = train[np.random.default_rng(seed).choice(len(train), n, replace=False)]
@@ -341,7 +342,6 @@ def _memorisation(clf, data_dir, x: torch.Tensor,
                   source: Optional[torch.Tensor] = None) -> dict:
     """Summaries of memorisation_check; with `source` ([N,1,28,28] in [0, 1], each sample's own
     start image) also source_match and source_distance_median (pixels, on [0, 1])."""
-    from dipddpm.evaluate import memorisation_check, to_uint8
 
     rep = memorisation_check(clf, data_dir, x)
     out = {}
@@ -385,9 +385,6 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
                info: dict | None = None, log=print) -> dict:
     """Every arm of the generation protocol; writes a sample grid per arm under run_dir/samples
     and returns the results.json dict."""
-    from dipddpm.evaluate import feature_stats, real_vs_real_floor, split_features, train_stats
-    from dipddpm.runs import SAMPLES_DIR
-    from dipddpm.train.grid import save_grid
 
     p, data_dir, seed = cfg.protocol, cfg.data.dir, cfg.run.seed
     check_retired(cfg)
@@ -396,9 +393,6 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
     kid_subset = min(c.kid_subset, n)
     inc = None
     if c.inception_weights:  # loaded first: a bad weights file fails before any real work
-        from dipddpm.evaluate.classifier import classifier_dir
-        from dipddpm.evaluate.inception import floor_fid, inception_fid, load_inception
-
         inc = load_inception(c.inception_weights, device, c.inception_batch_size)
         inc_dir = classifier_dir(cfg)
     ho_feats, ho_keys, excluded = heldout_reference(clf, data_dir, n)
@@ -541,8 +535,6 @@ def table_markdown(results: dict) -> str:
     lines.append("")
     inc = results.get("inception")
     if inc:
-        from dipddpm.evaluate.inception import describe
-
         lines += [f"{describe(inc)} (`{inc['weights']}`); floor {f['fid_inception']:.2f} at "
                   f"N = {f['n']}.", ""]
     lines += ["| arm | source | sigma_t0 (realised) | t0 | K | NFE | DIP iters | FID train "
@@ -575,7 +567,6 @@ def table_markdown(results: dict) -> str:
 def fid_plot(results: dict, path: Path) -> Path:
     """FID vs NFE against both references: the baselines from noise as lines, the starts as
     markers (one per source and arm, annotated with sigma_t0), the floors dotted."""
-    from dipddpm.report.plots import pyplot, save_png
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
@@ -616,10 +607,6 @@ def fid_plot(results: dict, path: Path) -> Path:
 def run_generation(cfg: Config, device=None) -> dict:
     """The job: trained model + classifier -> results.json, table.md, fid_vs_steps.png and
     sample grids in run.dir, logged to W&B."""
-    from dipddpm.evaluate import classifier_dir, load_classifier
-    from dipddpm.runs import RESULTS_FILE, atomic_write_json, atomic_write_text, prepare_run_dir
-    from dipddpm.tracking import Tracker
-    from dipddpm.train.generate import load_trained
 
     check_retired(cfg)  # before the run dir is written
     model, diffusion, info = load_trained(cfg.protocol.checkpoint or cfg.run.dir, cfg, device)

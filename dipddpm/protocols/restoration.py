@@ -99,10 +99,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from dipddpm.artifacts import fmt, pyplot, save_png
 from dipddpm.config import Config, ConfigError, UserError
+from dipddpm.data import load_split
 from dipddpm.diffusion import Diffusion, noise_levels
 from dipddpm.dip.degrade import degrade
 from dipddpm.dip.fit import FitSettings, fit_by_key
+from dipddpm.dip.priors import load_priors
 from dipddpm.evaluate.flops import dip_iteration_gflop, unet_forward_gflop
 from dipddpm.evaluate.image_metrics import psnr, ssim
 from dipddpm.evaluate.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, best_at_cost,
@@ -110,8 +113,10 @@ from dipddpm.evaluate.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, best_at
 from dipddpm.models.dip import SkipSpec
 from dipddpm.protocols.arms import (cheap_estimate, direct_start, oracle_error, residual_error,
                                     run_chain, sigma_on_diffusion_scale, start_at)
-from dipddpm.report.plots import pyplot, save_png
-from dipddpm.report.tables import fmt
+from dipddpm.runs import (RESULTS_FILE, atomic_write_json, atomic_write_text, prepare_run_dir,
+                          read_json)
+from dipddpm.tracking import Tracker
+from dipddpm.train.generate import load_trained
 
 MAX_DB = 100.0
 BASELINE_ARMS = ("observation", "cheap", "direct", "cheap_start", "noise_start")
@@ -137,8 +142,6 @@ def task_list(cfg: Config) -> list[tuple[str, Optional[float]]]:
 
 def load_images(cfg: Config) -> tuple[np.ndarray, list[str]]:
     """The first protocol.num_images images of protocol.split, float32 [N,1,28,28] in [0, 1]."""
-    from dipddpm.data import load_split
-
     images, _, keys = load_split(cfg.data.dir, cfg.protocol.split)
     n = cfg.protocol.num_images
     if n > len(images):
@@ -243,8 +246,6 @@ def fit_dip(cfg: Config, clean, keys, y, mask, device, es_decide: bool = False) 
 
 def _priors_manifest(cfg: Config) -> Optional[dict]:
     """protocol.priors_dir's manifest (None when the key is empty); a missing one is an error."""
-    from dipddpm.runs import read_json
-
     folder = cfg.protocol.priors_dir
     if not folder:
         return None
@@ -261,8 +262,6 @@ def priors_for(cfg: Config, task: str, sigma: Optional[float], keys,
     """(the precomputed estimates in protocol.priors_dir, None) when they were made for this
     task, sigma, observation model, split and run seed with a budget stop; else (None, why not)
     and the caller fits instead."""
-    from dipddpm.dip.priors import load_priors
-
     manifest = _priors_manifest(cfg)
     if manifest is None:
         return None, None
@@ -837,10 +836,6 @@ def run_restoration(cfg: Config, device=None) -> dict:
     """The job: load the trained model, run every arm, write results.json, table.md and the
     figures into run.dir, and log them to W&B. Every input is checked before run.dir is
     touched: a missing checkpoint, too few images or an arm that cannot run leave nothing."""
-    from dipddpm.runs import RESULTS_FILE, atomic_write_json, atomic_write_text, prepare_run_dir
-    from dipddpm.tracking import Tracker
-    from dipddpm.train.generate import load_trained
-
     model, diffusion, info = load_trained(cfg.protocol.checkpoint or cfg.run.dir, cfg, device)
     device = next(model.parameters()).device
     images = load_images(cfg)

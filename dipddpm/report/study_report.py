@@ -16,15 +16,20 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from dipddpm.artifacts import DASH, fmt
 from dipddpm.config import Config
+from dipddpm.dip.study import STUDY_PSNR
 from dipddpm.evaluate.inception import describe as describe_inception
 from dipddpm.protocols.restoration import (TABLE_COLUMNS, answer_sentences, table_cells,
                                            task_intro)
 from dipddpm.report.discover import Runs, discover
+from dipddpm.report.plots import fid_vs_nfe_plot, loss_curves_plot
 from dipddpm.report.table_plots import attach_plots
-from dipddpm.report.tables import (DASH, VARIANTS, Table, best_fit, fmt, fmt_loss, main_T,
-                                   rel, study_tables)
-from dipddpm.runs import METRICS_FILE, SAMPLES_DIR, atomic_path, atomic_write_text, read_jsonl
+from dipddpm.report.tables import (VARIANTS, Table, best_fit, fmt_loss, main_T, rel,
+                                   study_tables)
+from dipddpm.runs import (METRICS_FILE, SAMPLES_DIR, atomic_path, atomic_write_text,
+                          prepare_run_dir, read_jsonl)
+from dipddpm.tracking import Tracker
 
 REPORT_FILE = "REPORT.md"
 
@@ -159,8 +164,6 @@ def classifier_tables(runs: Runs) -> list[Table]:
 
 def findings(runs: Runs) -> list[str]:
     """One sentence per comparison whose numbers are present; nothing is hard-coded."""
-    from dipddpm.dip.study import STUDY_PSNR
-
     out = []
     fits = runs["fit_dip"]
     if fits:
@@ -261,8 +264,6 @@ def _last_grid(run) -> Optional[Path]:
 
 def make_plots(runs: Runs, out_dir: Path) -> tuple[list, list]:
     """(plots made or copied into out_dir, images linked where they lie): (title, path)."""
-    from dipddpm.report.plots import fid_vs_nfe_plot, loss_curves_plot
-
     made, linked = [], []
     fits = [r for r in runs["fit_dip"] if (r.path / "psnr.png").is_file()]
     if fits:
@@ -374,9 +375,6 @@ def report_markdown(runs: Runs, study: list, protocols: list, found: list, image
 def build_report(cfg: Config, runs_dir) -> dict:
     """Discover run dirs under runs_dir, write runs_dir/REPORT.md and plots into cfg.run.dir,
     log the tables and plots to W&B there; return {"report", "tables", "plots", "runs"}."""
-    from dipddpm.runs import prepare_run_dir
-    from dipddpm.tracking import Tracker
-
     root = Path(runs_dir)
     out_dir = Path(cfg.run.dir)
     runs = discover(root, exclude=[out_dir])  # before any file is written: a wrong

@@ -16,8 +16,8 @@ from typing import Optional
 
 import numpy as np
 
+from dipddpm.artifacts import pyplot, save_png
 from dipddpm.report.discover import Run, Runs
-from dipddpm.report.plots import pyplot, save_png
 from dipddpm.report.tables import (STUDY_DEVICE, STUDY_DIP_ITERS_CHOSEN, STUDY_EPOCHS_CHOSEN,
                                    STUDY_LOSS, STUDY_SAMPLE_SECONDS, STUDY_TRAIN_SECONDS,
                                    STUDY_TRAIN_T, STUDY_TS, VARIANTS, Table, best_fit, by_variant_T,

@@ -8,12 +8,12 @@ which prints them beside every fit_dip table).
 """
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+from dipddpm.artifacts import DASH, fmt
 from dipddpm.config import result_keys
 from dipddpm.dip.study import STUDY_ITERS, STUDY_PSNR
 from dipddpm.report.discover import Run, Runs
@@ -30,7 +30,6 @@ STUDY_LOSS = {"dip_in_training": [0.45, 0.52, 0.53, 0.56, 0.58],
 STUDY_DIP_ITERS_TRIED, STUDY_DIP_ITERS_CHOSEN = [100, 50, 10, 3], 3
 STUDY_EPOCHS_TRIED, STUDY_EPOCHS_CHOSEN = list(range(5, 21)), 15
 VARIANTS = {"ddpm": "DDPM", "dip_in_training": "DIP+DDPM"}
-DASH = "—"
 
 # The sections that set what a training run computes, apart from where and how its data is read;
 # within them, neutral keys (dipddpm.config: logging, cadence, ...) do not tell runs apart either.
@@ -50,14 +49,6 @@ class Table:
     notes: list = field(default_factory=list)  # lines after it
     not_run: Optional[str] = None
     plots: list = field(default_factory=list)  # (title, PNG path) shown beside the table
-
-
-def fmt(v, digits: int = 2) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return DASH
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
 
 
 def fmt_loss(v) -> str:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dipddpm.config import Config, ConfigError, load_config
+from dipddpm.dip.priors import prior_dir
 
 VARIANTS = {"ddpm": [], "dip_in_training": ["train.noise=dip"]}
 # each stage kind: the job it runs, the config it starts from, its wave
@@ -131,8 +132,6 @@ def plan_study(cfg: Config, study_dir: Path) -> list[Stage]:
     priors_dir = None
     if "priors" in wanted:
         # the generation protocol's DIP start needs priors of training images
-        from dipddpm.dip.priors import prior_dir
-
         priors_dir = prior_dir(add("priors", "priors", ["priors.split=train"]))
     if "sampling" in wanted:
         for T in st.T_values:

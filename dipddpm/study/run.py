@@ -15,7 +15,6 @@ is written last, here, from the run dirs alone.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from pathlib import Path
@@ -23,7 +22,11 @@ from pathlib import Path
 import submitit
 
 from dipddpm.config import Config, UserError, load_config, result_keys
+from dipddpm.data.prepare import prepare_data, summary
+from dipddpm.launch.plan import Plan
+from dipddpm.launch.submit import slurm_executor
 from dipddpm.launch.task import RESUME, JobTask
+from dipddpm.report.study_report import build_report
 from dipddpm.runs import atomic_write_json, prepare_run_dir
 from dipddpm.study.plan import Stage, describe, plan_study
 
@@ -69,13 +72,11 @@ class StageTask(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, job, argv)
 
 
-def _prepare_data(cfg: Config, config_path: str, overrides: list[str]) -> None:
+def _prepare_data(cfg: Config) -> None:
     """Shards from data.source (or $DIPDDPM_DATA) unless data.dir already holds a dataset."""
     if (Path(cfg.data.dir) / "manifest.json").exists():
         return
-    from jobs.prepare_data import main as prepare
-
-    prepare(["--config", config_path, *overrides])
+    print(summary(prepare_data(cfg)), flush=True)
 
 
 def _run_inline(stages: list[Stage]) -> None:
@@ -94,9 +95,6 @@ def _run_inline(stages: list[Stage]) -> None:
 
 
 def _run_slurm(cfg: Config, stages: list[Stage], study_dir: Path) -> None:
-    from dipddpm.launch.plan import Plan
-    from dipddpm.launch.submit import slurm_executor
-
     for wave in sorted({s.wave for s in stages}):
         todo = [s for s in stages if s.wave == wave and not is_done(s)]
         if not todo:
@@ -130,13 +128,12 @@ def run_study(cfg: Config, config_path: str, overrides: list[str], *,
         return study_dir / "REPORT.md"
     prepare_run_dir(cfg, reads=())  # each stage checks its own run dir
     start = time.perf_counter()
-    _prepare_data(cfg, config_path, overrides)
+    _prepare_data(cfg)
     if cfg.study.executor == "slurm":
         _run_slurm(cfg, stages, study_dir)
     else:
         _run_inline(stages)
-    report = importlib.import_module("jobs.report")
-    report.main(["--config", config_path, str(study_dir), *overrides,
-                 f"run.dir={study_dir / 'report'}"])
+    build_report(load_config(config_path, [*overrides, f"run.dir={study_dir / 'report'}"]),
+                 study_dir)
     print(f"study done in {time.perf_counter() - start:.0f} s: {study_dir / 'REPORT.md'}")
     return study_dir / "REPORT.md"

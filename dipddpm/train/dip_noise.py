@@ -13,7 +13,7 @@ x0 ([B, 1, 28, 28] in [-1, 1]):
 One net serves the whole batch: the study's wall-clock numbers (DIP+DDPM 36 min vs DDPM 34 min
 at T=1000) leave no room for a net per image. Its BatchNorm therefore normalises over the batch.
 
-Why it fails (ANCHORS.md, "The original study"): the "noise" is a blurry copy of x0 in [-1, 1],
+Why it fails: the "noise" is a blurry copy of x0 in [-1, 1],
 not N(0, I), so x_t no longer follows q(x_t | x0), the network is asked to predict a function of
 x0 instead of eps, and sampling from pure Gaussian noise starts off the training distribution.
 """

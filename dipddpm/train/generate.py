@@ -28,13 +28,14 @@ import numpy as np
 import torch
 import yaml
 
+from dipddpm.artifacts import save_grid
 from dipddpm.config import Config, ConfigError, config_from_dict
+from dipddpm.data import load_split
 from dipddpm.diffusion import Diffusion, sample
 from dipddpm.models.unet import build_unet
 from dipddpm.runs import CONFIG_FILE, SAMPLES_DIR, atomic_write_bytes, atomic_write_json, \
     prepare_run_dir
 from dipddpm.train.checkpoint import find_weights, load_ema_weights
-from dipddpm.train.grid import save_grid
 
 
 def training_config_path(weights: Path):
@@ -114,8 +115,6 @@ def generate(cfg: Config, explicit=()) -> dict:
         raise ConfigError(f"sample.t0 = {t0}: must be in [1, {diffusion.T}] (T of the trained model)")
     starts = None
     if t0 < diffusion.T:
-        from dipddpm.data import load_split
-
         images, _, _ = load_split(cfg.data.dir, "test")
         if len(images) < s.num:
             raise ConfigError(f"sample.num = {s.num}: the test split has only {len(images)} images")

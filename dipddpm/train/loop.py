@@ -34,6 +34,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from dipddpm.artifacts import save_grid
 from dipddpm.config import Config, UserError
 from dipddpm.data import batches_per_epoch, make_loader
 from dipddpm.diffusion import Diffusion, ddim_sample
@@ -45,7 +46,6 @@ from dipddpm.train.checkpoint import WEIGHTS_FILE, TrainState, latest_checkpoint
     load_checkpoint, save_checkpoint, save_weights, snapshot_path
 from dipddpm.train.dip_noise import DipNoise
 from dipddpm.train.ema import EMA
-from dipddpm.train.grid import save_grid
 
 
 def make_accelerator(mixed_precision: str | None, cpu: bool | None = None,
