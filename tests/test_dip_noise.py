@@ -70,8 +70,13 @@ def test_variant_runs_end_to_end_with_the_studys_net(tiny_shards, gauss_run, tmp
     assert res["final_loss"] == losses(run)[-1] and res["train_seconds"] > 0
     # same batches, same t draws: only the noise differs from the Gaussian run
     assert losses(run)[0] != losses(gauss_run)[0]
-    summary = read_wandb_offline(run)["summary"]
-    assert summary["train_seconds"] == pytest.approx(res["train_seconds"])
+    w = read_wandb_offline(run)
+    assert w["summary"]["train_seconds"] == pytest.approx(res["train_seconds"])
+    # W&B charts every training metric against images seen, not its own step
+    assert {"name": "images_seen"} in w["metrics"]
+    assert {"glob_name": "*", "step_metric": "images_seen"} in w["metrics"]
+    scalars = [h for h in w["history"] if "loss" in h]
+    assert scalars and all(h["images_seen"] == 8 * h["_step"] for h in scalars)
 
 
 def test_variant_noise_is_not_gaussian_but_the_default_is(tiny_shards, one_thread):

@@ -212,7 +212,8 @@ def train(cfg: Config) -> dict:
     acc.wait_for_everyone()
 
     # the rows of steps that will be redone are cut (and W&B gets the rows it missed)
-    tracker = Tracker(run_dir, cfg, "train", enabled=acc.is_main_process, keep_rows=keep_rows)
+    tracker = Tracker(run_dir, cfg, "train", enabled=acc.is_main_process, keep_rows=keep_rows,
+                      x_axis="images_seen")  # W&B charts training against images seen
     debug = run_dir / "debug"
     keys_file = None
     if t.rank_debug:
