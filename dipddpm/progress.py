@@ -6,8 +6,9 @@ waves): tqdm on stderr, fit for a terminal and for a log file.
 
 At a terminal it is tqdm's ordinary bar. In a log file (stderr is not a TTY) or under SLURM
 (SLURM_JOB_ID set: its output always goes to a file) it prints a plain new line at most every
-LOG_INTERVAL_S seconds (and once at the end) instead of redrawing its line ten times a second.
-`disable=True` (e.g. a library call that runs inside another bar, or a non-main rank) prints
+LOG_INTERVAL_S seconds (and once at the end) instead of redrawing its line ten times a second;
+a bar that goes away when done (`leave=False`, e.g. the chains inside a protocol's arm) prints
+only if it lasts LOG_INTERVAL_S. `disable=True` (e.g. a library call that runs inside another bar, or a non-main rank) prints
 nothing.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ def bar(total=None, desc: str = "", *, disable: bool = False, **kw) -> tqdm:
     if to_log_file(kw.get("file")):
         # ncols: a fixed width, no terminal query; "\n"-ended lines: no carriage-return redraws
         kw = {"mininterval": LOG_INTERVAL_S, "maxinterval": LOG_INTERVAL_S * 2,
-              "dynamic_ncols": False, "ncols": 100, "ascii": True, **kw}
+              "dynamic_ncols": False, "ncols": 100, "ascii": True,
+              **({"delay": LOG_INTERVAL_S} if kw.get("leave") is False else {}), **kw}
         kw.setdefault("file", _NewLines(kw.pop("file", None) or sys.stderr))
     else:
         kw.setdefault("dynamic_ncols", True)

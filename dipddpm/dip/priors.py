@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dipddpm.progress import bar as progress_bar
+
 from dipddpm.config import Config, ConfigError, DIPConfig, is_neutral
 from dipddpm.data.idx import DataError
 from dipddpm.data.shards import checked_shards, load_manifest, sha256_file, shard_samples, \
@@ -173,8 +175,8 @@ def precompute_shard(cfg: Config, entry: dict, settings: dict, *, device="cpu",
     sb = cfg.priors.sub_batch
     bounds = [(lo, min(lo + sb, len(keys))) for lo in range(0, len(keys), sb)]
     total = len(keys) * cfg.dip.iters
-    bar = tqdm(total=total, desc=f"priors {name}", unit="img-it", disable=not progress,
-               unit_scale=True)
+    bar = progress_bar(total, f"priors {name}", unit="img-it", disable=not progress,
+                       unit_scale=True)
     parts = []
     fitted = 0
     for i, (lo, hi) in enumerate(bounds):

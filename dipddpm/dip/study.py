@@ -272,8 +272,7 @@ def table_markdown(all_curves: list[SigmaCurves], cfg: Config) -> str:
 def run_study(cfg: Config, *, progress: bool = True) -> dict:
     """Fit every sigma of dip.sigmas, write run.dir/{results.json, table.md, psnr.png}, log to
     W&B; return the results dict."""
-    from tqdm import tqdm
-
+    from dipddpm.progress import bar as progress_bar
     from dipddpm.report.plots import dip_psnr_plot
     from dipddpm.runs import RESULTS_FILE, atomic_write_json, atomic_write_text, prepare_run_dir
     from dipddpm.tracking import Tracker
@@ -284,7 +283,7 @@ def run_study(cfg: Config, *, progress: bool = True) -> dict:
     total = len(cfg.dip.sigmas) * len(keys) * cfg.dip.iters
     all_curves = []
     with Tracker(run_dir, cfg, "fit_dip") as tracker, \
-            tqdm(total=total, unit="img-it", disable=not progress, smoothing=0.1) as bar:
+            progress_bar(total, unit="img-it", disable=not progress, smoothing=0.1) as bar:
         for sigma in cfg.dip.sigmas:
             bar.set_description(f"σ={sigma:g}")
             curves = fit_sigma(cfg, clean, keys, sigma, device=device,

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 
 from dipddpm.config import Config, ConfigError, UserError
-from dipddpm.diffusion import Diffusion, ddim_sample, ddpm_sample
+from dipddpm.diffusion import Diffusion, ddim_sample, ddim_timesteps, ddpm_sample
+from dipddpm.progress import bar
 from dipddpm.protocols.arms import CountingModel, to_diffusion
 from dipddpm.runs import atomic_path
 
@@ -99,26 +100,34 @@ def train_priors(cfg: Config, device) -> tuple[torch.Tensor, list[str], float, f
 
 def _draw(model, diffusion, n, batch_size, seed, device, *, sampler, steps=None, t0=None,
           u_hat: Optional[torch.Tensor] = None):
-    """n samples in [-1, 1] (CPU), NFE per sample (counted), seconds per sample."""
+    """n samples in [-1, 1] (CPU), NFE per sample (counted), seconds per sample. A bar (shown
+    only when it lasts) counts the reverse steps of every batch."""
     counter = CountingModel(model)
     out, nfe = [], None
+    lows = range(0, n, batch_size)
+    first = t0 or diffusion.T
+    per_chain = first if sampler == "ddpm" else len(ddim_timesteps(first, steps))
+    steps_bar = bar(len(lows) * per_chain, f"{sampler} K={steps or first} t0={first}",
+                    unit="step", leave=False)
     start = time.perf_counter()
-    for b, lo in enumerate(range(0, n, batch_size)):
+    for b, lo in enumerate(lows):
         m = min(batch_size, n - lo)
         gen = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
         counter.calls = 0
         x0_hat = None if u_hat is None else to_diffusion(u_hat[lo:lo + m]).to(device)
         if sampler == "ddpm":
             x, _ = ddpm_sample(counter, diffusion, (m, 1, 28, 28), x0_hat=x0_hat, t0=t0,
-                               generator=gen, device=device)
+                               generator=gen, device=device, progress=steps_bar)
         else:
             x, _ = ddim_sample(counter, diffusion, (m, 1, 28, 28), steps=steps, x0_hat=x0_hat,
-                               t0=t0, generator=gen, device=device)
+                               t0=t0, generator=gen, device=device, progress=steps_bar)
         nfe = counter.calls if nfe is None else nfe
         out.append(x.float().cpu())
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-    return torch.cat(out), nfe, (time.perf_counter() - start) / n
+    seconds = time.perf_counter() - start
+    steps_bar.close()
+    return torch.cat(out), nfe, seconds / n
 
 
 MEMORISATION_DIR = "memorisation"
@@ -177,6 +186,9 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
         floor = {**floor, "fid_inception": floor_fid(inc, data_dir, inc_dir, n,
                                                      c.inception_ref_num, seed)}
     arms = []
+    t0s = [t0 for t0 in sorted(set(p.gen_t0s)) if t0 <= diffusion.T]
+    arms_bar = bar(int(p.gen_ddpm) + len(set(p.gen_ddim_steps)) + 1 + len(t0s), "generation arms",
+                   unit="arm")
 
     def add(arm, x, *, steps=None, t0=None, nfe=0, dip_iters=0.0, seconds=0.0, mem=None):
         m = sample_metrics(clf, data_dir, x, kid_subset, c.kid_subsets, seed)
@@ -195,6 +207,7 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
             extra = f"  Inception FID {row['fid_inception']:.2f} " \
                     f"(floor {floor['fid_inception']:.2f})"
         arms.append(row)
+        arms_bar.update(1)
         log(f"  {arm:<12} t0={t0 or '':<5} K={steps or '':<5} nfe={nfe:<5} FID {m['fid']:.2f} "
             f"(floor {floor['fid_vs_train']:.2f} at N={n})  KID {m['kid']:.4f}{extra}")
 
@@ -220,6 +233,7 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
                           steps=p.gen_steps, t0=t0, u_hat=u_hat)
         add("dip_start", x, steps=p.gen_steps, t0=t0, nfe=nfe, dip_iters=iters,
             seconds=s + dip_s, mem=_memorisation(clf, data_dir, x, keys))
+    arms_bar.close()
     results = {"protocol": "generation", "n": n, "T": diffusion.T, "device": str(device),
                "model": info or {},
                "classifier": {"sha256": clf.sha256,
