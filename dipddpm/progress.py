@@ -35,9 +35,23 @@ def bar(total=None, desc: str = "", *, disable: bool = False, **kw) -> tqdm:
               "dynamic_ncols": False, "ncols": 100, "ascii": True,
               **({"delay": LOG_INTERVAL_S} if kw.get("leave") is False else {}), **kw}
         kw.setdefault("file", _NewLines(kw.pop("file", None) or sys.stderr))
-    else:
-        kw.setdefault("dynamic_ncols", True)
+        return _LogBar(total=total, desc=desc, disable=disable, **kw)
+    kw.setdefault("dynamic_ncols", True)
     return tqdm(total=total, desc=desc, disable=disable, **kw)
+
+
+class _LogBar(tqdm):
+    """In a log, a new postfix or description waits for the next line (tqdm would print a line
+    at once)."""
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+    def set_postfix_str(self, s="", refresh=True):
+        super().set_postfix_str(s, refresh=False)
+
+    def set_description(self, desc=None, refresh=True):
+        super().set_description(desc, refresh=False)
 
 
 class _NewLines:

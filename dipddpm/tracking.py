@@ -430,7 +430,7 @@ def _apply(tree: dict, record) -> None:
 def read_wandb_offline(run_dir) -> dict:
     """Read every offline `run-*.wandb` under run_dir (oldest first, so a resumed run follows on).
 
-    Returns {"run_id", "history": [{"_step": n, key: value, ...} per step],
+    Returns {"run_id", "job_type", "group", "history": [{"_step": n, key: value, ...} per step],
     "config": the run config without W&B's own "_wandb" entry, "summary": {...},
     "metrics": [{"name" or "glob_name": ..., "step_metric": ...} per define_metric call],
     "files": the .wandb paths read}. A logged image or table reads back as W&B's dict for
@@ -443,7 +443,7 @@ def read_wandb_offline(run_dir) -> dict:
         return (m.group(1) if m else "", path.stat().st_mtime)
 
     files = sorted(Path(run_dir).glob(f"{WANDB_DIR}/*run-*/run-*.wandb"), key=started)
-    out = {"run_id": None, "history": [], "config": {}, "summary": {}, "metrics": [],
+    out = {"run_id": None, "job_type": None, "group": None, "history": [], "config": {}, "summary": {}, "metrics": [],
            "files": [str(f) for f in files]}
     for path in files:
         for payload in iter_wandb_records(path):
@@ -455,6 +455,7 @@ def read_wandb_offline(run_dir) -> dict:
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 out["run_id"] = record.run.run_id
+                out["job_type"], out["group"] = record.run.job_type, record.run.run_group
                 _apply(out["config"], record.run.config)
             elif kind == "config":
                 _apply(out["config"], record.config)

@@ -60,7 +60,10 @@ def first_batch(shards, n=8):
 def test_variant_runs_end_to_end_with_the_studys_net(tiny_shards, gauss_run, tmp_path):
     # the study's default DIP net (1.25M parameters), two steps of 8 images
     run = tmp_path / "run"
-    train(run, tiny_shards, "train.max_steps=2", "train.noise=dip", wandb="offline")
+    r = train(run, tiny_shards, "train.max_steps=2", "train.noise=dip", wandb="offline")
+    # the bar in a log (stderr is a pipe here): a line at the start and one at the end
+    bar_lines = [ln for ln in r.stderr.splitlines() if ln.startswith("train:")]
+    assert len(bar_lines) == 2 and "2/2" in bar_lines[-1] and "\r" not in r.stderr, r.stderr
     res = results(run)
     assert set(res) == KEYS
     assert res == {**res, "job": "train", "variant": "dip_in_training", "dip_iters": 3,

@@ -162,6 +162,7 @@ def test_classifier_job_caches_checkpoint_and_reuses_it(tiny_data, tmp_path):
     # the job logged its run: loss against images seen (every step here: max_steps=3 < 100
     # logs the last), the floors table, the accuracy
     w = read_wandb_offline(tmp_path / "run")
+    assert w["job_type"] == "train_classifier"
     assert {"glob_name": "*", "step_metric": "images_seen"} in w["metrics"]
     assert [(h["_step"], h["images_seen"]) for h in w["history"] if "loss" in h] == [(3, 96)]
     assert w["summary"]["test_accuracy"] == metrics["test_accuracy"]

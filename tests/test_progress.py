@@ -11,8 +11,11 @@ class Terminal(io.StringIO):
 
 def _run(stream, n=2000, **kw) -> str:
     with bar(n, "work", file=stream, **kw) as b:
-        for _ in range(n):
+        for i in range(n):
             b.update(1)
+            if i % 100 == 0:  # a postfix or description waits for the next line in a log
+                b.set_postfix(i=i)
+                b.set_description(f"work {i // 1000}")
     return stream.getvalue()
 
 

@@ -88,6 +88,7 @@ def test_config_and_run_fields(logged):
     read = logged["read"]
     assert read["config"] == logged["cfg"].to_dict()
     assert read["summary"]["best_loss"] == 0.125
+    assert (read["job_type"], read["group"]) == ("train", "g1")
     assert len(read["files"]) == 2  # one .wandb file per session
 
 

@@ -196,9 +196,11 @@ def fit_dip(cfg: Config, clean, keys, y, mask, device, es_decide: bool = False) 
     parts: dict = {k: [] for k in ("budget", "es_raw", "es_ema", "best_raw", "best_ema",
                                    "es_cost", "es_iter", "decided", "raw_iter", "ema_iter",
                                    "raw_psnr", "ema_psnr", "run")}
+    fits_bar = bar(len(keys) * dip.iters, "DIP fits", unit="img-it", unit_scale=True)
     start = time.perf_counter()
     for _, r in fit_by_key(y, mask, clean, keys, spec, settings, run_seed=cfg.run.seed,
-                           batch_size=dip.batch_size, device=device):
+                           batch_size=dip.batch_size, device=device,
+                           on_iter=lambda t, n: fits_bar.update(n)):
         parts["budget"].append(r.estimate.float())
         parts["es_raw"].append(r.es_raw.float())
         parts["es_ema"].append(r.es_ema.float())
@@ -216,6 +218,7 @@ def fit_dip(cfg: Config, clean, keys, y, mask, device, es_decide: bool = False) 
             parts[f"{name}_psnr"].append(curve.numpy()[it - 1, np.arange(len(it))])
         parts["run"].append(r.iters_run.numpy())
     seconds = time.perf_counter() - start
+    fits_bar.close()
     cat = {k: (torch.cat(v) if isinstance(v[0], torch.Tensor) else np.concatenate(v))
            for k, v in parts.items()}
     # ES-WMV never filling its window has no pick: its "pick" is then the budget estimate
