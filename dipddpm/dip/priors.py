@@ -36,8 +36,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dipddpm.progress import bar as progress_bar
-
 from dipddpm.config import Config, ConfigError, DIPConfig, is_neutral
 from dipddpm.data.idx import DataError
 from dipddpm.data.shards import checked_shards, load_manifest, sha256_file, shard_samples, \
@@ -48,6 +46,7 @@ from dipddpm.dip.fit import FitSettings, fit_by_key
 from dipddpm.dip.metrics import psnr
 from dipddpm.dip.study import SWEEP_KEYS
 from dipddpm.models.dip import SkipSpec
+from dipddpm.progress import bar as progress_bar
 from dipddpm.runs import atomic_path, atomic_write_json, read_json
 
 MANIFEST = "manifest.json"
