@@ -88,6 +88,6 @@ def report_series(runs: Runs) -> list[Series]:
             if lines:
                 out.append(Series(f"series/{run.name}/{name}_vs_gflop",
                                   f"{name}: best {primary} per arm at each cost vs GFLOP per "
-                                  f"image ({run.name}, N = {run.results['num_images']})",
+                                  f"image ({run.name}, N = {run.results.get('num_images')})",
                                   "GFLOP per image", {k: _front(v) for k, v in lines.items()}))
     return [s for s in out if s is not None and any(s.lines.values())]
