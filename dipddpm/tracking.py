@@ -18,6 +18,12 @@ step and never takes a step twice: steps it already holds are not sent again (a 
 that W&B had received before the kill keeps its first values there; metrics.jsonl has the
 redone ones). Images and tables go to W&B only and are not replayed.
 
+The x-axis. A job whose work is counted in something other than W&B's step passes it as
+`x_axis` (training: "images_seen", so runs with different batch sizes or GPU counts line up):
+every key the job logs is charted against it (`define_metric("*", step_metric=x_axis)`, sent
+again at every resume, before the replay). `log_lines` logs a native W&B line chart (beside a
+PNG the job drew from the same numbers).
+
 W&B never takes a job down. Any error from W&B (its service killed by the SIGTERM that SLURM
 sends on scancel or requeue, a network failure online, a full disk) is reported in one line on
 stderr and turns W&B off for the rest of the process; metrics.jsonl goes on, and an exception
@@ -80,10 +86,12 @@ class Tracker:
     `rows` of the Tracker then): later rows are cut, and W&B gets the rows it missed (see the
     module docstring). None keeps every row (a fresh run, or a job that logs once per step
     and skips the steps in `logged_steps`).
+    x_axis: a key the job logs in every metrics row (e.g. "images_seen"): W&B charts every
+    other key against it instead of its own step.
     """
 
     def __init__(self, run_dir, cfg: "Config", job_type: str, enabled: bool = True,
-                 keep_rows: Optional[int] = None):
+                 keep_rows: Optional[int] = None, x_axis: Optional[str] = None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._run = None
@@ -141,6 +149,9 @@ class Tracker:
         next_step = self._guard("init", lambda: self._run.step)
         self._wandb_floor = max(held, (next_step or 0) - 1)
         self._last_step = max(self._wandb_floor, 0)
+        if x_axis and self._run is not None:
+            self._guard("define_metric", lambda: (self._run.define_metric(x_axis),
+                                                  self._run.define_metric("*", step_metric=x_axis)))
         self._replay(rows)
 
     # -------------------------------------------------------------------------- logging
@@ -178,6 +189,25 @@ class Tracker:
             step = self._last_step if self._last_step > self._wandb_floor else self._wandb_floor + 1
         self._to_wandb(lambda: {key: self._wandb.Table(columns=list(columns),
                                                        data=[list(r) for r in rows])}, step)
+
+    def log_lines(self, key: str, series: dict, *, title: str = "", xname: str = "x",
+                  step: Optional[int] = None) -> None:
+        """A native W&B line chart: `series` maps a line's name to its [(x, y), ...] points
+        (lines may have different xs; points with y None are left out). Like log_table, it
+        joins the latest step unless `step` is given."""
+        if self._run is None:
+            return
+        lines = {name: [(x, _plain(y)) for x, y in pts if y is not None]
+                 for name, pts in series.items()}
+        lines = {name: pts for name, pts in lines.items() if pts}
+        if not lines:
+            return
+        if step is None:
+            step = self._last_step if self._last_step > self._wandb_floor else self._wandb_floor + 1
+        self._to_wandb(lambda: {key: self._wandb.plot.line_series(
+            xs=[[p[0] for p in pts] for pts in lines.values()],
+            ys=[[p[1] for p in pts] for pts in lines.values()],
+            keys=list(lines), title=title or key, xname=xname)}, step)
 
     def summary(self, values: dict) -> None:
         if self._run is not None:
@@ -400,8 +430,9 @@ def _apply(tree: dict, record) -> None:
 def read_wandb_offline(run_dir) -> dict:
     """Read every offline `run-*.wandb` under run_dir (oldest first, so a resumed run follows on).
 
-    Returns {"run_id", "history": [{"_step": n, key: value, ...} per step],
+    Returns {"run_id", "job_type", "group", "history": [{"_step": n, key: value, ...} per step],
     "config": the run config without W&B's own "_wandb" entry, "summary": {...},
+    "metrics": [{"name" or "glob_name": ..., "step_metric": ...} per define_metric call],
     "files": the .wandb paths read}. A logged image or table reads back as W&B's dict for
     it; its "path" is relative to the `files/` folder beside the .wandb file.
     """
@@ -412,7 +443,8 @@ def read_wandb_offline(run_dir) -> dict:
         return (m.group(1) if m else "", path.stat().st_mtime)
 
     files = sorted(Path(run_dir).glob(f"{WANDB_DIR}/*run-*/run-*.wandb"), key=started)
-    out = {"run_id": None, "history": [], "config": {}, "summary": {}, "files": [str(f) for f in files]}
+    out = {"run_id": None, "job_type": None, "group": None, "history": [], "config": {}, "summary": {}, "metrics": [],
+           "files": [str(f) for f in files]}
     for path in files:
         for payload in iter_wandb_records(path):
             record = wandb_internal_pb2.Record()
@@ -423,6 +455,7 @@ def read_wandb_offline(run_dir) -> dict:
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 out["run_id"] = record.run.run_id
+                out["job_type"], out["group"] = record.run.job_type, record.run.run_group
                 _apply(out["config"], record.run.config)
             elif kind == "config":
                 _apply(out["config"], record.config)
@@ -433,6 +466,10 @@ def read_wandb_offline(run_dir) -> dict:
                 out["history"].append(row)
             elif kind == "summary":
                 _apply(out["summary"], record.summary)
+            elif kind == "metric":
+                m = record.metric
+                out["metrics"].append({k: v for k, v in (("name", m.name), ("glob_name", m.glob_name),
+                                                         ("step_metric", m.step_metric)) if v})
     out["config"].pop("_wandb", None)
     return out
 

@@ -60,7 +60,10 @@ def first_batch(shards, n=8):
 def test_variant_runs_end_to_end_with_the_studys_net(tiny_shards, gauss_run, tmp_path):
     # the study's default DIP net (1.25M parameters), two steps of 8 images
     run = tmp_path / "run"
-    train(run, tiny_shards, "train.max_steps=2", "train.noise=dip", wandb="offline")
+    r = train(run, tiny_shards, "train.max_steps=2", "train.noise=dip", wandb="offline")
+    # the bar in a log (stderr is a pipe here): a line at the start and one at the end
+    bar_lines = [ln for ln in r.stderr.splitlines() if ln.startswith("train:")]
+    assert len(bar_lines) == 2 and "2/2" in bar_lines[-1] and "\r" not in r.stderr, r.stderr
     res = results(run)
     assert set(res) == KEYS
     assert res == {**res, "job": "train", "variant": "dip_in_training", "dip_iters": 3,
@@ -70,8 +73,13 @@ def test_variant_runs_end_to_end_with_the_studys_net(tiny_shards, gauss_run, tmp
     assert res["final_loss"] == losses(run)[-1] and res["train_seconds"] > 0
     # same batches, same t draws: only the noise differs from the Gaussian run
     assert losses(run)[0] != losses(gauss_run)[0]
-    summary = read_wandb_offline(run)["summary"]
-    assert summary["train_seconds"] == pytest.approx(res["train_seconds"])
+    w = read_wandb_offline(run)
+    assert w["summary"]["train_seconds"] == pytest.approx(res["train_seconds"])
+    # W&B charts every training metric against images seen, not its own step
+    assert {"name": "images_seen"} in w["metrics"]
+    assert {"glob_name": "*", "step_metric": "images_seen"} in w["metrics"]
+    scalars = [h for h in w["history"] if "loss" in h]
+    assert scalars and all(h["images_seen"] == 8 * h["_step"] for h in scalars)
 
 
 def test_variant_noise_is_not_gaussian_but_the_default_is(tiny_shards, one_thread):

@@ -13,6 +13,7 @@ from dipddpm.evaluate import (feature_stats, fid_from_features, frechet_distance
 from dipddpm.evaluate.classifier import CHECKPOINT, METRICS
 from dipddpm.evaluate.fid import cache_tag
 from dipddpm.runs import read_json
+from dipddpm.tracking import read_wandb_offline
 from tests.conftest import REPO, make_shards, run_module
 
 
@@ -158,6 +159,14 @@ def test_classifier_job_caches_checkpoint_and_reuses_it(tiny_data, tmp_path):
     results = read_json(tmp_path / "run" / "results.json")
     assert results["classifier"]["reused"] is False
     assert results["floors"][0]["n"] == 20 and results["floors"][0]["fid"] >= 0
+    # the job logged its run: loss against images seen (every step here: max_steps=3 < 100
+    # logs the last), the floors table, the accuracy
+    w = read_wandb_offline(tmp_path / "run")
+    assert w["job_type"] == "train_classifier"
+    assert {"glob_name": "*", "step_metric": "images_seen"} in w["metrics"]
+    assert [(h["_step"], h["images_seen"]) for h in w["history"] if "loss" in h] == [(3, 96)]
+    assert w["summary"]["test_accuracy"] == metrics["test_accuracy"]
+    assert any("floors" in h for h in w["history"])
     stamp = (folder / CHECKPOINT).stat().st_mtime_ns
     tag = cache_tag(metrics["sha256"])
     assert (folder / f"{tag}train-features.npy").is_file()

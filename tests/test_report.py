@@ -316,6 +316,14 @@ def test_wandb_run_holds_the_same_tables(report):
     assert {"dip_psnr", "training_time", "sampling_time", "ablation_dip_iters",
             "ablation_epochs"} <= set(logged)
     assert logged["plot/loss_curves"]["_type"] == "image-file"
+    # the series as native line charts, beside the PNGs
+    charts = {k for k in logged if k.startswith("series/")}
+    assert {"series/loss_vs_T_table", "series/sampling_time_vs_T_table",
+            "series/ablation_dip_iters_table", "series/ablation_epochs_table",
+            "series/dip_psnr_vs_iterations_table", "series/r/denoise-s25_vs_gflop_table"} <= charts
+    points = json.loads((files / logged["series/loss_vs_T_table"]["path"]).read_text())["data"]
+    assert [1000, "study DDPM", 0.032] in points and [1000, "ours DDPM", 0.031] in points
+    assert [1000, "ours DIP+DDPM", 0.57] in points and len(points) == 14  # 2 x (5 study + 2 ours)
 
 
 def test_missing_runs_give_not_run_lines(tmp_path, capsys):

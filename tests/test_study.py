@@ -128,3 +128,55 @@ def test_micro_study_runs_each_wave_as_a_slurm_array(slurm_cluster, micro_data, 
     samples = list((study / "sampling/ddpm-T20/samples").glob("*.json"))
     assert json.loads(samples[0].read_text())["nfe_per_sample"] == 20
     assert (study / "REPORT.md").exists()
+
+
+# ----------------------------------------------------------------------------- waiting on a wave
+
+def _task_quick():
+    return "quick"
+
+
+def _task_fails():
+    raise RuntimeError("stage exploded\nfor a reason")
+
+
+def _task_waits_for(flag: str):
+    import time
+
+    while not Path(flag).exists():
+        time.sleep(0.05)
+    return "slow"
+
+
+def test_a_wave_reports_each_task_as_it_finishes(tmp_path, capsys):
+    """Real local processes (submitit's LocalExecutor): the finished tasks are reported while
+    another still runs, which only ends once their lines are out."""
+    import threading
+    import time
+
+    import submitit
+
+    from dipddpm.study.run import wait_for_tasks
+
+    ex = submitit.LocalExecutor(folder=tmp_path / "logs")
+    ex.update_parameters(timeout_min=5)
+    flag = tmp_path / "go"
+    named = [("slow", ex.submit(_task_waits_for, str(flag))), ("quick", ex.submit(_task_quick)),
+             ("broken", ex.submit(_task_fails))]
+    out: dict = {}
+    waiter = threading.Thread(target=lambda: out.update(
+        failed=wait_for_tasks("wave 1", named, poll_s=0.2)))
+    waiter.start()
+    seen, deadline = "", time.monotonic() + 120  # a guard against a hang, not a timing check
+    while not ("quick done" in seen and "broken FAILED" in seen) and time.monotonic() < deadline:
+        seen += capsys.readouterr().out
+        time.sleep(0.1)
+    assert "slow" not in seen and waiter.is_alive()  # reported before the wave ended
+    flag.touch()
+    waiter.join(120)
+    captured = capsys.readouterr()
+    seen += captured.out
+    assert not waiter.is_alive()
+    assert "wave 1: slow done (3/3)" in seen
+    assert len(out["failed"]) == 1 and out["failed"][0].startswith("broken (job ")
+    assert "3/3" in captured.err.splitlines()[-1]  # the bar's last line

@@ -53,15 +53,17 @@ def logged(tmp_path_factory):
             mp.delenv(var)
         mp.setenv("HOME", str(home))
         cfg = _cfg(run_dir)
-        with Tracker(run_dir, cfg, job_type="train") as tr:
+        with Tracker(run_dir, cfg, job_type="train", x_axis="images_seen") as tr:
             for step in FIRST_STEPS:
                 tr.log(_metrics(step), step=step)
             tr.log({"note": BIG_NOTE}, step=FIRST_STEPS[-1])
             tr.log_image("samples", png, step=FIRST_STEPS[-1])
             tr.log_table("psnr", ["t0", "psnr"], [[100, 21.5], [200, 23.25]])
+            tr.log_lines("lines/psnr", {"a": [(1, 2.5), (2, 3.0)], "b": [(1, 1.5), (4, None)]},
+                         xname="T")
             tr.summary({"best_loss": 0.125})
             first_id = tr.run_id
-        with Tracker(run_dir, cfg, job_type="train") as tr:  # the job resumed
+        with Tracker(run_dir, cfg, job_type="train", x_axis="images_seen") as tr:  # resumed
             second_id = tr.run_id
             for step in SECOND_STEPS:
                 tr.log(_metrics(step), step=step)
@@ -86,6 +88,7 @@ def test_config_and_run_fields(logged):
     read = logged["read"]
     assert read["config"] == logged["cfg"].to_dict()
     assert read["summary"]["best_loss"] == 0.125
+    assert (read["job_type"], read["group"]) == ("train", "g1")
     assert len(read["files"]) == 2  # one .wandb file per session
 
 
@@ -99,6 +102,17 @@ def test_image_and_table_files_exist(logged):
     assert np.array_equal(np.asarray(Image.open(files_dir / image["path"])), logged["pixels"])
     table = last[0]["psnr"]
     assert json.loads((files_dir / table["path"]).read_text())["data"] == [[100, 21.5], [200, 23.25]]
+
+
+def test_x_axis_is_defined_in_each_session_and_line_charts_hold_their_points(logged):
+    read = logged["read"]
+    x_axis = [{"name": "images_seen"}, {"glob_name": "*", "step_metric": "images_seen"}]
+    assert read["metrics"] == x_axis * 2  # the resumed session defines it again
+    files_dir = Path(read["files"][0]).parent / "files"
+    chart = [r for r in read["history"] if "lines/psnr_table" in r]
+    assert len(chart) == 1 and chart[0]["_step"] == FIRST_STEPS[-1]
+    table = json.loads((files_dir / chart[0]["lines/psnr_table"]["path"]).read_text())
+    assert sorted(map(tuple, table["data"])) == [(1, "a", 2.5), (1, "b", 1.5), (2, "a", 3.0)]
 
 
 def test_metrics_jsonl_has_the_same_values(logged):

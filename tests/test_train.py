@@ -197,6 +197,28 @@ def test_sample_job_from_noise_and_from_t0(full_run, tiny_shards, capsys):
         torch.set_num_threads(before)
 
 
+def test_sample_job_logs_its_run_and_under_slurm_prints_few_progress_lines(full_run, tiny_shards,
+                                                                          tmp_path):
+    out = tmp_path / "drawn"
+    r = run_module("jobs.sample", *TINY, f"run.dir={out}", f"sample.checkpoint={full_run}",
+                   f"data.dir={tiny_shards}", "sample.num=6", "sample.batch_size=2",
+                   "sample.sampler=ddpm", "wandb.mode=offline",
+                   env={**ONE_THREAD, "SLURM_JOB_ID": "123"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    # 3 batches x 50 ancestral steps on one bar; under SLURM a line at most every 30 s (and
+    # at the start and the end), never tqdm's redraws: no carriage returns in the log
+    lines = [ln for ln in r.stderr.splitlines() if "sample ddpm-50steps" in ln]
+    assert 2 <= len(lines) <= 4 and "150/150" in lines[-1], r.stderr
+    assert "\r" not in r.stderr
+    tag = out / "samples" / "ddpm-50steps-eta0-t050-n6"
+    w = read_wandb_offline(tag)
+    assert w["job_type"] == "sample" and w["config"]["sample"]["num"] == 6
+    assert [(h["_step"], h["images"], h["nfe"]) for h in w["history"] if "images" in h] == \
+        [(0, 2, 50), (1, 4, 50), (2, 6, 50)]
+    assert w["summary"]["nfe_per_sample"] == 50 and "samples" in w["history"][-1]
+    assert [row["images"] for row in read_jsonl(tag / "metrics.jsonl")] == [2, 4, 6]
+
+
 def test_lr_schedule_counts_images():
     cfg = load_config(None, ["train.lr=1e-3", "train.warmup_images=1000", "train.lr_schedule=cosine"])
     assert lr_at(500, cfg, 10_000) == pytest.approx(0.5e-3 * 0.5 * (1 + np.cos(np.pi * 0.05)))

@@ -31,10 +31,10 @@ from typing import Iterator
 
 import numpy as np
 import webdataset as wds
-from tqdm import tqdm
 from webdataset.tariterators import tarfile_samples
 
 from dipddpm.data.idx import NUM_CLASSES, DataError
+from dipddpm.progress import bar as progress_bar
 from dipddpm.runs import atomic_path, atomic_write_json, ensure_dir, read_json
 
 MANIFEST = "manifest.json"
@@ -110,7 +110,8 @@ def write_dataset(out_dir: str | os.PathLike, arrays: dict, shard_size: int,
     done: dict[str, dict] = {}
     kept = 0
     todo = [(s, e) for s, info in splits.items() for e in info["plan"]]
-    bar = tqdm(todo, desc=f"shards -> {out}", unit="shard", disable=not progress)
+    bar = progress_bar(len(todo), f"shards -> {out}", iterable=todo, unit="shard",
+                       disable=not progress)
     for split, entry in bar:
         name, path = entry["name"], out / entry["name"]
         rec = recorded.get(name)

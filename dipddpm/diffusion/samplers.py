@@ -16,6 +16,9 @@ Both return (samples, nfe). Conventions (also in dipddpm/diffusion/__init__.py):
   seed): the first draw is the start noise (shape of the batch), then one draw per step that
   adds noise. DDPM and DDIM with eta = 1 over all steps draw identically, so with the same seed
   they return the same samples up to rounding (tested).
+- `progress=True` shows a bar over the reverse steps (dipddpm.progress); off by default, for
+  calls that run inside another bar. A bar (anything with `update(n)`) passed as `progress`
+  counts this chain's steps instead, e.g. one bar over every batch of a sampling job.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from typing import Optional
 import torch
 
 from dipddpm.diffusion.schedule import Diffusion, gather
+from dipddpm.progress import bar
 
 
 def _generator(generator, device) -> torch.Generator:
@@ -72,6 +76,26 @@ def start_state(diffusion: Diffusion, shape, *, x0_hat=None, t0: Optional[int] =
     return diffusion.q_sample(ref.to(eps.device), t, eps), t0
 
 
+class _StepsBar:
+    """The reverse-step bar of one chain: its own (progress=True), the caller's, or none."""
+
+    def __init__(self, progress, total: int, desc: str):
+        self.own = progress is True
+        self.bar = bar(total, desc, unit="step", leave=False) if self.own else \
+            progress if hasattr(progress, "update") else None
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.own:
+            self.bar.close()
+
+
 def _model_x0_eps(model, diffusion, x, t, clip_x0):
     out = model(x, t).to(x.dtype)
     x0, eps = diffusion.predict_x0_eps(x, t, out)
@@ -83,7 +107,8 @@ def _model_x0_eps(model, diffusion, x, t, clip_x0):
 
 @torch.no_grad()
 def ddpm_sample(model, diffusion: Diffusion, shape=None, *, x0_hat=None, t0=None, x_start=None,
-                generator=None, clip_x0: bool = True, device=None, dtype=torch.float32):
+                generator=None, clip_x0: bool = True, device=None, dtype=torch.float32,
+                progress=False):
     """Ancestral sampling with the posterior variance, from index t0-1 down to 0. -> (x, nfe)."""
     gen = _generator(generator, device if device is not None else
                      (x0_hat.device if x0_hat is not None else
@@ -91,12 +116,14 @@ def ddpm_sample(model, diffusion: Diffusion, shape=None, *, x0_hat=None, t0=None
     x, t0 = start_state(diffusion, shape, x0_hat=x0_hat, t0=t0, x_start=x_start,
                         generator=gen, dtype=dtype)
     nfe = 0
-    for i in reversed(range(t0)):
-        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        x0, _ = _model_x0_eps(model, diffusion, x, t, clip_x0)
-        nfe += 1
-        mean, var = diffusion.posterior_mean_variance(x0, x, t)
-        x = mean + var.sqrt() * _randn(x.shape, gen, x.dtype) if i > 0 else mean
+    with _StepsBar(progress, t0, "ddpm") as steps_bar:
+        for i in reversed(range(t0)):
+            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+            x0, _ = _model_x0_eps(model, diffusion, x, t, clip_x0)
+            nfe += 1
+            mean, var = diffusion.posterior_mean_variance(x0, x, t)
+            x = mean + var.sqrt() * _randn(x.shape, gen, x.dtype) if i > 0 else mean
+            steps_bar.update()
     return x, nfe
 
 
@@ -113,7 +140,7 @@ def ddim_timesteps(t0: int, steps: int) -> list[int]:
 @torch.no_grad()
 def ddim_sample(model, diffusion: Diffusion, shape=None, *, steps: int = 50, eta: float = 0.0,
                 x0_hat=None, t0=None, x_start=None, generator=None, clip_x0: bool = True,
-                device=None, dtype=torch.float32, after_step=None):
+                device=None, dtype=torch.float32, after_step=None, progress=False):
     """DDIM (Song et al., 2021) over `steps` indices from t0-1 to 0; eta=0 is deterministic after
     the start, eta=1 over all steps is ancestral DDPM. -> (x, nfe).
 
@@ -126,11 +153,17 @@ def ddim_sample(model, diffusion: Diffusion, shape=None, *, steps: int = 50, eta
     x, t0 = start_state(diffusion, shape, x0_hat=x0_hat, t0=t0, x_start=x_start,
                         generator=gen, dtype=dtype)
     ts = ddim_timesteps(t0, steps)
+    with _StepsBar(progress, len(ts), "ddim") as steps_bar:
+        return _ddim_loop(model, diffusion, x, ts, eta, gen, clip_x0, after_step, steps_bar)
+
+
+def _ddim_loop(model, diffusion, x, ts, eta, gen, clip_x0, after_step, steps_bar):
     nfe = 0
     for k, i in enumerate(ts):
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         x0, eps = _model_x0_eps(model, diffusion, x, t, clip_x0)
         nfe += 1
+        steps_bar.update()
         if k == len(ts) - 1:  # the last step lands on x_0 itself (abar_prev = 1)
             x = x0
             break

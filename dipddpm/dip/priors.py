@@ -47,6 +47,7 @@ from dipddpm.dip.fit import FitSettings, fit_by_key
 from dipddpm.dip.metrics import psnr
 from dipddpm.dip.study import SWEEP_KEYS
 from dipddpm.models.dip import SkipSpec
+from dipddpm.progress import bar as progress_bar
 from dipddpm.runs import atomic_path, atomic_write_json, read_json
 
 MANIFEST = "manifest.json"
@@ -172,8 +173,8 @@ def precompute_shard(cfg: Config, entry: dict, settings: dict, *, device="cpu",
     sb = cfg.priors.sub_batch
     bounds = [(lo, min(lo + sb, len(keys))) for lo in range(0, len(keys), sb)]
     total = len(keys) * cfg.dip.iters
-    bar = tqdm(total=total, desc=f"priors {name}", unit="img-it", disable=not progress,
-               unit_scale=True)
+    bar = progress_bar(total, f"priors {name}", unit="img-it", disable=not progress,
+                       unit_scale=True)
     parts = []
     fitted = 0
     for i, (lo, hi) in enumerate(bounds):

@@ -37,9 +37,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from dipddpm.artifacts import pyplot, save_png
+from dipddpm.progress import bar as progress_bar
 from dipddpm.config import Config, ConfigError, DIPConfig, is_neutral
 from dipddpm.data import load_split
 from dipddpm.dip.degrade import degrade
@@ -308,7 +308,7 @@ def run_dip_table(cfg: Config, *, progress: bool = True) -> dict:
     total = len(cfg.dip.sigmas) * len(keys) * cfg.dip.iters
     all_curves = []
     with Tracker(run_dir, cfg, "fit_dip") as tracker, \
-            tqdm(total=total, unit="img-it", disable=not progress, smoothing=0.1) as bar:
+            progress_bar(total, unit="img-it", disable=not progress, smoothing=0.1) as bar:
         for sigma in cfg.dip.sigmas:
             bar.set_description(f"σ={sigma:g}")
             curves = fit_sigma(cfg, clean, keys, sigma, device=device,

@@ -13,6 +13,7 @@ trained with the requested settings; anything else is retrained (classifier.forc
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from dipddpm.config import Config, UserError
 from dipddpm.data import load_split
 from dipddpm.data.shards import sha256_file
 from dipddpm.evaluate.fid import cache_tag
+from dipddpm.progress import bar
 from dipddpm.runs import atomic_path, atomic_write_json, read_json
 
 ARCH = "fashion-cnn-v1"
@@ -161,8 +163,11 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray,
     return correct / max(len(x), 1)
 
 
-def train_classifier(cfg: Config, log=print) -> dict:
-    """Train (or reuse) the classifier for cfg.data.dir; return its metrics.json contents."""
+def train_classifier(cfg: Config, log=print, tracker=None) -> dict:
+    """Train (or reuse) the classifier for cfg.data.dir; return its metrics.json contents.
+
+    A bar counts the epochs (dipddpm.progress); every 100 steps (and at the last) the mean
+    loss goes to `tracker` (a dipddpm.tracking.Tracker) with images_seen and epoch."""
     folder = classifier_dir(cfg)
     settings = training_settings(cfg)
     if not cfg.classifier.force:
@@ -189,7 +194,10 @@ def train_classifier(cfg: Config, log=print) -> dict:
     log(f"classifier: training {total} steps of {c.batch_size} on {n} images")
     start, step, loss_sum = time.time(), 0, 0.0
     model.train()
+    epochs_bar = bar(math.ceil(total / steps_per_epoch), "classifier", unit="epoch")
     while step < total:
+        if step:
+            epochs_bar.update(1)
         order = torch.randperm(n, generator=gen)
         for i in range(steps_per_epoch):
             if step >= total:
@@ -202,9 +210,15 @@ def train_classifier(cfg: Config, log=print) -> dict:
             loss_sum += loss.item()
             step += 1
             if step % 100 == 0 or step == total:
-                log(f"  step {step}/{total}  loss {loss_sum / (step % 100 or 100):.4f}  "
-                    f"{step * c.batch_size / (time.time() - start):.0f} img/s")
+                mean = loss_sum / (step % 100 or 100)
+                epochs_bar.set_postfix(step=f"{step}/{total}", loss=f"{mean:.4f}")
+                if tracker is not None:
+                    tracker.log({"images_seen": step * c.batch_size, "loss": mean,
+                                 "epoch": step / steps_per_epoch,
+                                 "img_per_s": step * c.batch_size / (time.time() - start)}, step)
                 loss_sum = 0.0
+    epochs_bar.update(1)
+    epochs_bar.close()
     seconds = time.time() - start
     acc = accuracy(model, test_x, test_y)
     folder.mkdir(parents=True, exist_ok=True)

@@ -167,11 +167,12 @@ class ChainResult:
 def run_chain(model, diffusion: Diffusion, *, sampler: str, steps: int, t0: int,
               u_hat: Optional[torch.Tensor] = None, x_start: Optional[torch.Tensor] = None,
               y: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-              seed: int = 0) -> ChainResult:
+              seed: int = 0, progress=False) -> ChainResult:
     """One reverse chain for a batch: from the estimate u_hat in [0, 1] diffused to t0
     (x_t0 = sqrt(abar) (2 u_hat - 1) + sqrt(1 - abar) eps) or from a given state x_start at
     index t0-1. With y and a mask that is not all ones (inpainting), the observed pixels are
-    kept consistent (see the module docstring). NFE is counted from the model's calls."""
+    kept consistent (see the module docstring). NFE is counted from the model's calls.
+    `progress`: as for the samplers (a bar that counts the reverse steps, or True)."""
     if sampler not in ETA:
         raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
     counter = CountingModel(model)
@@ -182,7 +183,7 @@ def run_chain(model, diffusion: Diffusion, *, sampler: str, steps: int, t0: int,
     masked = mask is not None and y is not None and not bool((mask > 0.5).all())
     after = keep_observed(to_diffusion(y), mask, diffusion) if masked else None
     x, _ = ddim_sample(counter, diffusion, None, steps=steps, eta=ETA[sampler], x0_hat=x0_hat,
-                       t0=t0, x_start=x_start, generator=gen, after_step=after)
+                       t0=t0, x_start=x_start, generator=gen, after_step=after, progress=progress)
     if masked:
         x = mask * to_diffusion(y) + (1 - mask) * x  # the final image keeps y where observed
     if device.type == "cuda":

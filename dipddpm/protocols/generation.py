@@ -115,6 +115,7 @@ from dipddpm.evaluate import (classifier_dir, feature_stats, frechet_distance, k
                               split_features, to_uint8, train_stats)
 from dipddpm.evaluate.inception import describe, floor_fid, inception_fid, load_inception
 from dipddpm.models.dip import SkipSpec
+from dipddpm.progress import bar
 from dipddpm.protocols.arms import CountingModel, ETA, to_diffusion
 from dipddpm.runs import (RESULTS_FILE, SAMPLES_DIR, atomic_path, atomic_write_json,
                           atomic_write_text, prepare_run_dir, read_json)
@@ -312,19 +313,27 @@ def draw(model, diffusion: Diffusion, n: int, batch_size: int, seed: int, device
     `seed * 1_000_003 + b` in every arm."""
     counter = CountingModel(model)
     out, nfe = [], None
+    lows = range(0, n, batch_size)
+    first = t0 or diffusion.T
+    per_chain = len(ddim_timesteps(first, steps or first))
+    steps_bar = bar(len(lows) * per_chain, f"{sampler} K={steps or first} t0={first}",
+                    unit="step", leave=False)
     start = time.perf_counter()
-    for b, lo in enumerate(range(0, n, batch_size)):
+    for b, lo in enumerate(lows):
         m = min(batch_size, n - lo)
         gen = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
         counter.calls = 0
         x0_hat = None if u_hat is None else to_diffusion(u_hat[lo:lo + m]).to(device)
         x, _ = ddim_sample(counter, diffusion, (m, 1, 28, 28), steps=steps, eta=ETA[sampler],
-                           x0_hat=x0_hat, t0=t0, generator=gen, device=device)
+                           x0_hat=x0_hat, t0=t0, generator=gen, device=device,
+                           progress=steps_bar)
         nfe = counter.calls if nfe is None else nfe
         out.append(x.float().cpu())
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-    return torch.cat(out), nfe, (time.perf_counter() - start) / n
+    seconds = time.perf_counter() - start
+    steps_bar.close()
+    return torch.cat(out), nfe, seconds / n
 
 
 MEMORISATION_DIR = "memorisation"

@@ -102,7 +102,7 @@ import torch
 from dipddpm.artifacts import fmt, pyplot, save_png
 from dipddpm.config import Config, ConfigError, UserError
 from dipddpm.data import load_split
-from dipddpm.diffusion import Diffusion, noise_levels
+from dipddpm.diffusion import Diffusion, ddim_timesteps, noise_levels
 from dipddpm.dip.degrade import degrade
 from dipddpm.dip.fit import FitSettings, fit_by_key
 from dipddpm.dip.priors import load_priors
@@ -111,6 +111,7 @@ from dipddpm.evaluate.image_metrics import psnr, ssim
 from dipddpm.evaluate.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, best_at_cost,
                                     bootstrap_ci, paired_delta, pareto_front)
 from dipddpm.models.dip import SkipSpec
+from dipddpm.progress import bar
 from dipddpm.protocols.arms import (cheap_estimate, direct_start, oracle_error, residual_error,
                                     run_chain, sigma_on_diffusion_scale, start_at)
 from dipddpm.runs import (RESULTS_FILE, atomic_write_json, atomic_write_text, prepare_run_dir,
@@ -198,9 +199,11 @@ def fit_dip(cfg: Config, clean, keys, y, mask, device, es_decide: bool = False) 
     parts: dict = {k: [] for k in ("budget", "es_raw", "es_ema", "best_raw", "best_ema",
                                    "es_cost", "es_iter", "decided", "raw_iter", "ema_iter",
                                    "raw_psnr", "ema_psnr", "run")}
+    fits_bar = bar(len(keys) * dip.iters, "DIP fits", unit="img-it", unit_scale=True)
     start = time.perf_counter()
     for _, r in fit_by_key(y, mask, clean, keys, spec, settings, run_seed=cfg.run.seed,
-                           batch_size=dip.batch_size, device=device):
+                           batch_size=dip.batch_size, device=device,
+                           on_iter=lambda t, n: fits_bar.update(n)):
         parts["budget"].append(r.estimate.float())
         parts["es_raw"].append(r.es_raw.float())
         parts["es_ema"].append(r.es_ema.float())
@@ -218,6 +221,7 @@ def fit_dip(cfg: Config, clean, keys, y, mask, device, es_decide: bool = False) 
             parts[f"{name}_psnr"].append(curve.numpy()[it - 1, np.arange(len(it))])
         parts["run"].append(r.iters_run.numpy())
     seconds = time.perf_counter() - start
+    fits_bar.close()
     cat = {k: (torch.cat(v) if isinstance(v[0], torch.Tensor) else np.concatenate(v))
            for k, v in parts.items()}
     # ES-WMV never filling its window has no pick: its "pick" is then the budget estimate
@@ -437,16 +441,22 @@ def chain_plan(samplers: list[str], steps: list[int], t0: int) -> list[tuple[str
 
 
 def chain_batched(model, diffusion, n, *, batch_size, seed, **kw):
-    """run_chain over batches of the arrays in kw (u_hat, x_start, y, mask); -> (u, nfe, s/img)."""
+    """run_chain over batches of the arrays in kw (u_hat, x_start, y, mask); -> (u, nfe, s/img).
+    A bar (shown only when it lasts) counts the reverse steps of every batch."""
     arrays = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
     rest = {k: v for k, v in kw.items() if not isinstance(v, torch.Tensor)}
     outs, nfe, seconds = [], None, 0.0
-    for b, lo in enumerate(range(0, n, batch_size)):
-        part = {k: v[lo:lo + batch_size] for k, v in arrays.items()}
-        r = run_chain(model, diffusion, seed=seed * 1_000_003 + b, **part, **rest)
-        outs.append(r.u.cpu())
-        nfe = r.nfe if nfe is None else nfe
-        seconds += r.seconds
+    lows = range(0, n, batch_size)
+    per_chain = len(ddim_timesteps(rest["t0"], rest["steps"]))
+    with bar(len(lows) * per_chain, f"{rest['sampler']} K={rest['steps']} t0={rest['t0']}",
+             unit="step", leave=False) as steps_bar:
+        for b, lo in enumerate(lows):
+            part = {k: v[lo:lo + batch_size] for k, v in arrays.items()}
+            r = run_chain(model, diffusion, seed=seed * 1_000_003 + b, progress=steps_bar,
+                          **part, **rest)
+            outs.append(r.u.cpu())
+            nfe = r.nfe if nfe is None else nfe
+            seconds += r.seconds
     return torch.cat(outs), nfe, seconds / n
 
 
@@ -537,16 +547,21 @@ def run_task(cfg: Config, model, diffusion: Diffusion, clean_np, keys, task, sig
                                  steps=k, nfe=nfe, start=start, dip_iters=iters,
                                  dip_s=iters * spi, rev_s=s, oracle=oracle, **common_row))
 
+    n_sources = 1 + sum(dip.picks.get(START_PICK[e]) is not None for e in p.start_estimates)
+    arms_bar = bar((task == "denoise") + inpaint + n_sources, f"{task_name(task, sigma)} arms",
+                   unit="arm")
     if task == "denoise":
         sigma_obs = sigma_on_diffusion_scale(sigma)
         x_start, t_star = direct_start(y, diffusion, sigma)
         start = {"rule": "t*", "requested": sigma_obs, "t0": t_star,
                  "sigma": float(noise_levels(diffusion)[t_star - 1])}
         chains("direct", dict(x_start=dev(x_start)), t_star, start)
+        arms_bar.update(1)
     if inpaint:
         T = diffusion.T
         start = {"rule": "T", "t0": T, "sigma": float(noise_levels(diffusion)[-1])}
         chains("noise_start", dict(u_hat=dev(torch.zeros_like(y)), **cons), T, start)
+        arms_bar.update(1)
     sources = []
     for est in p.start_estimates:
         pk = dip.picks.get(START_PICK[est])
@@ -570,6 +585,8 @@ def run_task(cfg: Config, model, diffusion: Diffusion, clean_np, keys, task, sig
             chains(src.arm, dict(u_hat=dev(src.u), **cons), st["t0"], st,
                    estimate=src.estimate, iters=src.iters, oracle=src.oracle or st["oracle"],
                    cache=cache)
+        arms_bar.update(1)
+    arms_bar.close()
     front = add_deltas(rows, primary)
     for r in rows:
         log(f"  {row_label(r):<60} {r['gflop_per_image']:9.1f} GFLOP  {primary} "
@@ -589,7 +606,8 @@ def restoration(cfg: Config, model, diffusion: Diffusion, device, info: dict | N
     """Every task of the protocol on the same images; returns the results.json dict."""
     clean, keys = images if images is not None else load_images(cfg)
     tasks = {}
-    for task, sigma in task_list(cfg):
+    todo = task_list(cfg)
+    for task, sigma in bar(len(todo), "restoration tasks", iterable=todo, unit="task"):
         tasks[task_name(task, sigma)] = run_task(cfg, model, diffusion, clean, keys, task, sigma,
                                                  device, log)
     dip_keys = ("iters", "scales", "channels_down", "channels_up", "channels_skip", "lr",

@@ -24,6 +24,7 @@ from dipddpm.protocols.restoration import (TABLE_COLUMNS, answer_sentences, tabl
                                            task_intro)
 from dipddpm.report.discover import Runs, discover
 from dipddpm.report.plots import fid_vs_nfe_plot, loss_curves_plot
+from dipddpm.report.series import report_series
 from dipddpm.report.table_plots import attach_plots
 from dipddpm.report.tables import (VARIANTS, Table, best_fit, fmt_loss, main_T, rel,
                                    study_tables)
@@ -396,6 +397,8 @@ def build_report(cfg: Config, runs_dir) -> dict:
         for title, path in linked:  # plots and grids of other runs, under their run's name
             name = re.sub(r"[^A-Za-z0-9_/-]", "_", Path(rel(path, root)).with_suffix("").as_posix())
             tracker.log_image(f"linked/{name}", path, step=0)
+        for s in report_series(runs):  # native W&B line charts of what the PNGs draw
+            tracker.log_lines(s.key, s.lines, title=s.title, xname=s.xname, step=0)
         tracker.summary({"findings": " ".join(found),
                          "not_run": [t.key for t in study + protocols if t.not_run]})
     print(f"{root / REPORT_FILE}: {sum(not t.not_run for t in study)} of {len(study)} study "

@@ -16,6 +16,7 @@ is written last, here, from the run dirs alone.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,12 +26,14 @@ from dipddpm.config import Config, UserError, load_config, result_keys
 from dipddpm.data.prepare import prepare_data, summary
 from dipddpm.launch.plan import Plan
 from dipddpm.launch.submit import slurm_executor
+from dipddpm.progress import bar
 from dipddpm.launch.task import RESUME, JobTask
 from dipddpm.report.study_report import build_report
 from dipddpm.runs import atomic_write_json, prepare_run_dir
 from dipddpm.study.plan import Stage, describe, plan_study
 
 STAGE_FILE = "stage.json"
+WAVE_POLL_S = 10.0  # how often a waiting study asks SLURM (through submitit) about its tasks
 
 
 def run_dir_of(argv: list[str]) -> Path:
@@ -106,15 +109,37 @@ def _run_slurm(cfg: Config, stages: list[Stage], study_dir: Path) -> None:
         jobs = ex.map_array(StageTask(), [s.job for s in todo], [s.argv for s in todo])
         print(f"wave {wave}: {len(todo)} stage(s) in array {jobs[0].job_id.split('_')[0]}",
               flush=True)
-        failed = []
-        for s, j in zip(todo, jobs):
-            try:
-                j.result()
-            except Exception as e:  # noqa: BLE001 - any task failure is reported the same way
-                last = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-                failed.append(f"{s.name} (job {j.job_id}): {last[-1] if last else e}")
+        failed = wait_for_tasks(f"wave {wave}", [(s.name, j) for s, j in zip(todo, jobs)])
         if failed:
             raise UserError(f"wave {wave}: {len(failed)} stage(s) failed: " + "; ".join(failed))
+
+
+def wait_for_tasks(desc: str, named_jobs: list, poll_s: float = WAVE_POLL_S) -> list[str]:
+    """Wait for submitit jobs [(name, job)], reporting each as it finishes (a line, and a bar
+    over the tasks finished); return one line per failed task."""
+    failed, pending = [], list(named_jobs)
+    with bar(len(pending), desc, unit="task") as finished:
+        while pending:
+            still = []
+            for name, j in pending:
+                if not j.done():
+                    still.append((name, j))
+                    continue
+                try:
+                    j.result()
+                    outcome = "done"
+                except Exception as e:  # noqa: BLE001 - any task failure is reported the same way
+                    last = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+                    failed.append(f"{name} (job {j.job_id}): {last[-1] if last else e}")
+                    outcome = "FAILED"
+                finished.update(1)
+                finished.write(f"{desc}: {name} {outcome} ({finished.n}/{finished.total})",
+                               file=sys.stdout)
+                sys.stdout.flush()
+            pending = still
+            if pending:
+                time.sleep(poll_s)
+    return failed
 
 
 def run_study(cfg: Config, config_path: str, overrides: list[str], *,

@@ -14,6 +14,10 @@ line that disagrees with the weights' run is refused (one line, exit 2). `genera
     run.dir/samples/<tag>.npz   images uint8 [N,28,28] (and float32 "x" in [-1,1]), nfe
     run.dir/samples/<tag>.png   grid of the first 64
     run.dir/samples/<tag>.json  settings, nfe per batch, seconds, weights used
+    run.dir/samples/<tag>/      metrics.jsonl (a row per batch: images drawn, seconds) and
+                                the W&B run (job_type "sample"; the grid, the settings as its
+                                summary); its own folder, so the training run's stay as they are
+A bar counts the reverse steps of all batches (dipddpm.progress).
 With sample.t0 < T the chains start from the first sample.num test images diffused to t0
 (SDEdit-style reconstructions); restoration jobs pass their own estimates to the samplers.
 """
@@ -31,11 +35,13 @@ import yaml
 from dipddpm.artifacts import save_grid
 from dipddpm.config import Config, ConfigError, config_from_dict
 from dipddpm.data import load_split
-from dipddpm.diffusion import Diffusion, sample
+from dipddpm.diffusion import Diffusion, ddim_timesteps, sample
 from dipddpm.models.unet import build_unet
+from dipddpm.progress import bar
 from dipddpm.runs import CONFIG_FILE, SAMPLES_DIR, atomic_write_bytes, atomic_write_json, \
     prepare_run_dir
 from dipddpm.train.checkpoint import find_weights, load_ema_weights
+from dipddpm.tracking import Tracker
 
 
 def training_config_path(weights: Path):
@@ -120,21 +126,35 @@ def generate(cfg: Config, explicit=()) -> dict:
             raise ConfigError(f"sample.num = {s.num}: the test split has only {len(images)} images")
         starts = torch.from_numpy(images[: s.num]).float().div(127.5).sub(1).unsqueeze(1)
 
-    out, nfes = [], []
-    start = time.perf_counter()
-    for b, i in enumerate(range(0, s.num, s.batch_size)):
-        n = min(s.batch_size, s.num - i)
-        gen = torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + b)
-        x0_hat = starts[i:i + n].to(device) if starts is not None else None
-        x, nfe = sample(model, diffusion, (n, 1, 28, 28), sampler=s.sampler, steps=s.steps,
-                        eta=s.eta, x0_hat=x0_hat, t0=t0, generator=gen, device=device)
-        out.append(x.float().cpu())
-        nfes.append(nfe)
-    seconds = time.perf_counter() - start
-    x = torch.cat(out)
-
     tag = f"{s.sampler}-{s.steps if s.sampler == 'ddim' else t0}steps-eta{s.eta:g}-t0{t0}-n{s.num}"
     folder = run_dir / SAMPLES_DIR
+    tracker = Tracker(folder / tag, cfg, "sample", keep_rows=0)  # a rerun replaces its rows
+    starts_at = range(0, s.num, s.batch_size)
+    chain = len(ddim_timesteps(t0, s.steps)) if s.sampler == "ddim" else t0
+    out, nfes = [], []
+    start = time.perf_counter()
+    with tracker, bar(len(starts_at) * chain, f"sample {tag}", unit="step") as steps_bar:
+        for b, i in enumerate(starts_at):
+            n = min(s.batch_size, s.num - i)
+            gen = torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + b)
+            x0_hat = starts[i:i + n].to(device) if starts is not None else None
+            x, nfe = sample(model, diffusion, (n, 1, 28, 28), sampler=s.sampler, steps=s.steps,
+                            eta=s.eta, x0_hat=x0_hat, t0=t0, generator=gen, device=device,
+                            progress=steps_bar)
+            out.append(x.float().cpu())
+            nfes.append(nfe)
+            tracker.log({"images": i + n, "seconds": time.perf_counter() - start, "nfe": nfe}, b)
+        seconds = time.perf_counter() - start
+        x = torch.cat(out)
+        result = _write_samples(x, nfes, seconds, folder, tag, cfg, t0, info)
+        tracker.log_image("samples", result["png"], len(nfes) - 1)
+        tracker.summary({k: v for k, v in result.items() if k not in ("diffusion", "npz", "png")})
+    print(f"{s.num} samples, {nfes[0]} NFE each, {seconds:.1f} s -> {folder / tag}.{{npz,png}}")
+    return result
+
+
+def _write_samples(x, nfes, seconds, folder: Path, tag: str, cfg: Config, t0: int, info) -> dict:
+    s = cfg.sample
     u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1).numpy()
     buf = io.BytesIO()
     np.savez(buf, images=u8, x=x.squeeze(1).numpy(), nfe=np.asarray(nfes))
@@ -144,6 +164,5 @@ def generate(cfg: Config, explicit=()) -> dict:
               "nfe_per_sample": nfes[0], "seconds": seconds, "seed": cfg.run.seed,
               "npz": str(folder / f"{tag}.npz"), "png": str(folder / f"{tag}.png"), **info}
     atomic_write_json(folder / f"{tag}.json", result)
-    print(f"{s.num} samples, {nfes[0]} NFE each, {seconds:.1f} s -> {folder / tag}.{{npz,png}}")
     return result
 

@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from dipddpm.artifacts import save_grid
 from dipddpm.config import Config, UserError
 from dipddpm.data import batches_per_epoch, make_loader
 from dipddpm.diffusion import Diffusion, ddim_sample
 from dipddpm.models.unet import build_unet, count_parameters
+from dipddpm.progress import bar
 from dipddpm.runs import METRICS_FILE, RESULTS_FILE, SAMPLES_DIR, atomic_write_json, \
     prepare_run_dir, read_jsonl, seed_everything
 from dipddpm.tracking import Tracker, rows_through_step
@@ -212,7 +212,8 @@ def train(cfg: Config) -> dict:
     acc.wait_for_everyone()
 
     # the rows of steps that will be redone are cut (and W&B gets the rows it missed)
-    tracker = Tracker(run_dir, cfg, "train", enabled=acc.is_main_process, keep_rows=keep_rows)
+    tracker = Tracker(run_dir, cfg, "train", enabled=acc.is_main_process, keep_rows=keep_rows,
+                      x_axis="images_seen")  # W&B charts training against images seen
     debug = run_dir / "debug"
     keys_file = None
     if t.rank_debug:
@@ -250,8 +251,7 @@ def train(cfg: Config) -> dict:
         save_grid(x, path)
         tracker.log_image("samples", path, state.step)
 
-    pbar = tqdm(total=total_steps, initial=state.step, disable=not acc.is_main_process,
-                dynamic_ncols=True, desc="train")
+    pbar = bar(total_steps, "train", initial=state.step, disable=not acc.is_main_process)
     t_epoch = time.perf_counter()
     train_time, images_at_log = 0.0, state.images_seen  # img/s counts training only
     # train_seconds: the loop's wall time less the sample grids (monitoring, whose cost is set by
