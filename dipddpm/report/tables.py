@@ -32,12 +32,14 @@ VARIANTS = {"ddpm": "DDPM", "dip_in_training": "DIP+DDPM"}
 DASH = "—"
 
 # Config keys that do not change what a training run computes (paths, logging, cadence,
-# other jobs' sections): two runs differing only in these are the same experiment.
+# other jobs' sections, speed keys that change only rounding): two runs differing only in
+# these are the same experiment.
 _IGNORED = ("run.dir", "run.resume", "wandb.", "launch.", "data.", "sample.", "priors.",
             "protocol.", "classifier.", "study.", "train.log_every_images",
             "train.checkpoint_every_images", "train.keep_checkpoints",
             "train.sample_every_images", "train.num_samples", "train.sample_steps",
-            "train.rank_debug", "train.compile")
+            "train.rank_debug", "train.compile", "train.channels_last",
+            "train.optimizer_impl", "dip.formulation", "dip.precision")
 DIP_ROWS_AFTER_STUDY = 12  # a 3000-iteration fit records 60 points: thin those past 400
 
 
