@@ -52,7 +52,7 @@ def prior_dir(cfg: Config) -> Path:
 
 def settings_of(cfg: Config, data_fingerprint: str) -> dict:
     """Everything that changes a prior's bytes; its hash names a compatible result."""
-    return {"dip": {k: v for k, v in vars(cfg.dip).items()
+    return {"dip": {k: v for k, v in cfg.dip.fit_identity().items()
                     if k not in ("sigmas", "num_images", "batch_size", "record_every", "split")},
             "split": cfg.priors.split, "run_seed": cfg.run.seed, "data": data_fingerprint}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -62,7 +62,7 @@ _NOT_IN_FINGERPRINT = {"num_images", "sigmas", "record_every", "batch_size"}
 
 
 def _fingerprint(cfg: Config, sigma: float, keys: list[str]) -> str:
-    dip = {k: v for k, v in asdict(cfg.dip).items() if k not in _NOT_IN_FINGERPRINT}
+    dip = {k: v for k, v in cfg.dip.fit_identity().items() if k not in _NOT_IN_FINGERPRINT}
     text = json.dumps([dip, cfg.run.seed, sigma, keys], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
