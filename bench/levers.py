@@ -48,6 +48,7 @@ from dipddpm.precision import FastForward, native_bf16, resolve
 from dipddpm.runs import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
+TWO_CORES = "cpu, 2 cores (see the row)"
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ def _dip_two_cores(lz, device, where, peaks, flops) -> list[Row]:
         torch.set_num_threads(old)
     results["two stacks in two processes"] = _two_processes(half, iters)
     one = results.pop("1 thread")
-    return [_row(f"DIP two cores, {k} vs 1 thread", "image-iterations/s", v, one, where,
+    return [_row(f"DIP two cores, {k} vs 1 thread", "image-iterations/s", v, one, TWO_CORES,
                  f"{b} nets in all, {iters} its, wall clock, one run each", flops,
                  peaks.get(("conv", "fp32"))) for k, v in results.items()]
 
@@ -344,10 +345,11 @@ def _two_cores_training(lz: LeverSizes, data_dir: Path, where, peaks) -> list[Ro
     base = (f"jobs.train end to end on the real shards, {lz.e2e_model}, batch "
             f"{lz.e2e_batch} per process, {lz.e2e_steps} steps, the quickstart's speed keys, "
             f"img_per_s of metrics.jsonl (median over log intervals after the first), wall clock")
-    rows = [_row(f"two cores, training {k} vs 1 process x 1 thread", "images/s", v, one, where,
-                 base, flops, None) for k, v in runs.items()]
+    rows = [_row(f"two cores, training {k} vs 1 process x 1 thread", "images/s", v, one,
+                 TWO_CORES, base, flops, None) for k, v in runs.items()]
     rows.append(_row("training data loader, 2 workers vs none (1 process x 1 thread)",
-                     "images/s", workers, one, where, base, flops, None))
+                     "images/s", workers, one, "cpu, 1 thread + 2 loader processes", base,
+                     flops, None))
     return rows
 
 

@@ -73,6 +73,39 @@ def test_append_adds_a_dated_section(bench_result):
     assert all("% (" in line for line in table)  # the % of peak column is filled
 
 
+LEVERS = ["training unet-tiny b4, channels_last", "training unet-tiny b4, optimizer_impl=fused",
+          "training unet-tiny b4, bf16 autocast", "DIP, grouped fp32 vs plain one-net loop",
+          "DIP, bmm fp32 vs plain one-net loop", "DIP, loop fp32 vs plain one-net loop",
+          "DIP, grouped bf16 vs grouped fp32",
+          "DIP two cores, two stacks in two processes vs 1 thread",
+          "DDPM step unet-tiny b4, channels_last", "DDPM step unet-tiny b4, bf16 autocast",
+          "two cores, training 2 processes x 1 thread (accelerate launch) vs 1 process x 1 thread",
+          "training data loader, 2 workers vs none (1 process x 1 thread)",
+          "DIP bf16 PSNR vs fp32, 2 real test images"]
+
+
+@pytest.mark.slow
+def test_levers_one_at_a_time_against_the_plain_path(tmp_path, one_thread):
+    """--levers: a row per lever, the plain path as baseline, the two-core rows from real
+    jobs.train runs (one of them two processes under accelerate launch) on real shards."""
+    if importlib.util.find_spec("diffusers") is None:
+        skip_or_fail('diffusers is not installed: pip install -c constraints.txt -e ".[bench]"')
+    from bench.run import main
+
+    data = make_shards(tmp_path, 32, 8, 8)
+    rows = main(["--preset", "tiny", "--device", "cpu", "--only", "a", "--levers",
+                 "--data", str(data), "--out", str(tmp_path / "rows.json")])
+    names = [r.name for r in rows]
+    for name in LEVERS:
+        assert f"lever: {name}" in names, name
+    for r in rows:
+        if r.name.startswith("lever: DIP bf16 PSNR"):
+            assert 0 <= r.ours < 1 and r.unit == "dB"  # 4 iterations: far below 0.2 dB
+        elif r.name.startswith("lever: "):
+            assert r.ours > 0 and r.baseline > 0, r
+    assert len(json.loads((tmp_path / "rows.json").read_text())) == len(rows)
+
+
 def test_diffusers_pairs_match_in_size():
     if importlib.util.find_spec("diffusers") is None:
         skip_or_fail('diffusers is not installed: pip install -c constraints.txt -e ".[bench]"')
