@@ -17,12 +17,32 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
+
+def set_clock(name: str) -> None:
+    """'wall' (default) or 'cpu': this process's CPU time, which on a CPU shared with other
+    jobs counts only the time this process ran. Meaningful for one torch thread only (CPU time
+    sums threads) and never for a GPU; the harness notes it in every row's settings."""
+    global _clock
+    _clock = CLOCKS[name]
+
+
+def clock_name() -> str:
+    return next(k for k, v in CLOCKS.items() if v is _clock)
+
+
+def now() -> float:
+    return _clock()
+
+
 def seconds(fn, device) -> float:
     sync(device)
-    start = time.perf_counter()
+    start = _clock()
     fn()
     sync(device)
-    return time.perf_counter() - start
+    return _clock() - start
 
 
 def side_by_side(fns: dict, *, warmup: int, reps: int, device) -> dict:
@@ -80,13 +100,15 @@ def utc_now() -> str:
 
 @dataclass
 class Row:
-    what: str
+    name: str
     unit: str
     ours: float
     baseline: float | None  # None: no baseline for this row
     device: str
     settings: str
     lower_is_better: bool = False  # ms per step: the ratio is then baseline / ours
+    gflops: float | None = None  # achieved by ours (FLOPs from torch's FlopCounterMode)
+    peak_gflops: float | None = None  # the matching roofline row's sustained rate
 
     @property
     def ratio(self) -> float | None:
@@ -95,8 +117,14 @@ class Row:
             return None
         return self.baseline / self.ours if self.lower_is_better else self.ours / self.baseline
 
+    @property
+    def pct_of_peak(self) -> float | None:
+        if self.gflops is None or not self.peak_gflops:
+            return None
+        return 100.0 * self.gflops / self.peak_gflops
+
     def as_dict(self) -> dict:
-        return asdict(self) | {"ratio": self.ratio}
+        return asdict(self) | {"ratio": self.ratio, "pct_of_peak": self.pct_of_peak}
 
 
 def _num(x: float | None) -> str:
@@ -106,10 +134,12 @@ def _num(x: float | None) -> str:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    lines = ["| what | unit | ours | baseline | ratio (>1: ours faster) | device | settings |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| name | unit | ours | baseline | ratio (>1: ours faster) | GFLOP/s | % of peak "
+             "(peak GFLOP/s) | device | settings |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
-        lines.append(f"| {r.what} | {r.unit} | {_num(r.ours)} | {_num(r.baseline)} | {ratio} | "
-                     f"{r.device} | {r.settings} |")
+        pct = "-" if r.pct_of_peak is None else f"{r.pct_of_peak:.0f}% ({_num(r.peak_gflops)})"
+        lines.append(f"| {r.name} | {r.unit} | {_num(r.ours)} | {_num(r.baseline)} | {ratio} | "
+                     f"{_num(r.gflops)} | {pct} | {r.device} | {r.settings} |")
     return "\n".join(lines) + "\n"

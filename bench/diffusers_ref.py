@@ -48,13 +48,14 @@ class EpsOnly(torch.nn.Module):
         return self.unet(x, t).sample
 
 
-def diffusers_train_step(model, batch_size: int, device):
-    """One optimizer step as train_unconditional.py takes it at fp32 with --use_ema (as its
-    train.sh runs it; ours keeps an EMA too): DDPMScheduler(1000, linear).add_noise, MSE on
-    epsilon, AdamW(1e-4, betas (0.95, 0.999), weight decay 1e-6, eps 1e-8), clip_grad_norm 1.0,
-    EMAModel(decay 0.9999, warmup, inv_gamma 1, power 3/4).step. Its LR scheduler (a scalar
-    update per step) is left out, as is our loop's LR schedule. Images are random tensors
-    already on the device, as for ours."""
+def diffusers_train_step(model, batch_size: int, device, mixed_precision: str = "no"):
+    """One optimizer step as train_unconditional.py takes it with --use_ema (as its train.sh
+    runs it): DDPMScheduler(1000, linear).add_noise, MSE on epsilon, AdamW(1e-4, betas
+    (0.95, 0.999), weight decay 1e-6, eps 1e-8), clip_grad_norm 1.0, EMAModel(decay 0.9999,
+    warmup, inv_gamma 1, power 3/4).step. Its LR scheduler (a scalar update per step) is left
+    out, as is our loop's LR schedule. Images are random tensors already on the device, as for
+    ours. mixed_precision "bf16" is its `--mixed_precision bf16`: Accelerate's autocast around
+    the forward (the loss in fp32, as the script casts it), fp32 weights and optimizer."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
@@ -71,7 +72,9 @@ def diffusers_train_step(model, batch_size: int, device):
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,),
                                   device=device).long()
         noisy = scheduler.add_noise(clean, noise, timesteps)
-        out = model(noisy, timesteps).sample
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                            enabled=mixed_precision == "bf16"):
+            out = model(noisy, timesteps).sample
         loss = F.mse_loss(out.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

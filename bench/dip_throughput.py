@@ -18,11 +18,11 @@ parameter per step (1.25M params: ~35 MB per image-iteration, ~1 TB/s at 30,000/
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
+from bench.common import now
 from dipddpm.dip.fit import FitSettings, fit_batch, fit_single
 from dipddpm.models.dip import SkipSpec
 
@@ -48,23 +48,28 @@ def time_single(n: int, iters: int, device, dtype) -> float:
     spec = SkipSpec()
     fit_single(y[:1], None, clean[:1], 0, spec, FitSettings(iters=3), device=device, dtype=dtype)
     _sync(device)
-    start = time.perf_counter()
+    start = now()
     for i in range(n):
         fit_single(y[i:i + 1], None, clean[i:i + 1], i, spec, s, device=device, dtype=dtype)
     _sync(device)
-    return n * iters / (time.perf_counter() - start)
+    return n * iters / (now() - start)
 
 
-def time_batch(b: int, iters: int, device, dtype) -> float:
+def time_batch(b: int, iters: int, device, dtype, formulation: str = "grouped",
+               precision: str = "fp32") -> float:
+    """image-iterations/s of fitting b nets at once (dip.formulation, dip.precision)."""
     y, clean = _data(b)
     spec = SkipSpec()
     seeds = list(range(b))
-    fit_batch(y, None, clean, seeds, spec, FitSettings(iters=3), device=device, dtype=dtype)
+    kw = dict(formulation=formulation, precision=precision)
+    fit_batch(y, None, clean, seeds, spec, FitSettings(iters=3, **kw), device=device,
+              dtype=dtype)
     _sync(device)
-    start = time.perf_counter()
-    fit_batch(y, None, clean, seeds, spec, FitSettings(iters=iters), device=device, dtype=dtype)
+    start = now()
+    fit_batch(y, None, clean, seeds, spec, FitSettings(iters=iters, **kw), device=device,
+              dtype=dtype)
     _sync(device)
-    return b * iters / (time.perf_counter() - start)
+    return b * iters / (now() - start)
 
 
 def main(argv=None):

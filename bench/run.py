@@ -1,24 +1,39 @@
-"""Speed, ours against a baseline, side by side in one process: a markdown table with ratios.
+"""Speed: ours against a baseline and against this machine's roofline, side by side in one process.
 
-  python -m bench.run --quick                          # CPU, a few minutes: ratios only
+  python -m bench.run --quick                          # CPU, a few minutes
+  python -m bench.run --levers --out levers.json       # + every lever of BENCHMARKS.md
   python -m bench.run --device cuda --append BENCHMARKS.md   # full sizes (bench/gpu.sh)
 
-Rows (each: what, ours, baseline, ratio, device, settings):
-  (a) DDPM training images/s: our U-Net trained as dipddpm.train.loop trains it (AdamW, the
-      Diffusion loss of configs/ddpm.yaml, clip 1.0, EMA) vs diffusers' UNet2DModel of about the
-      same parameter count trained as diffusers' train_unconditional.py does with --use_ema
-      (bench/diffusers_ref.py).
-      Both fp32, same batch, images already on the device (data loading is not timed).
-  (b) DIP image-iterations/s: B nets at once (fit_batch) vs one at a time (fit_single), through
-      bench/dip_throughput.py.
-  (c) Sampling: ms per reverse step and images/s for one batch, our ddpm_sample/ddim_sample
-      driving our model vs the diffusers model. DDPM is timed over a few steps (the chain
-      started at t0 from an estimate, so it makes exactly that many network calls) and its
-      images/s is for the full T=1000 chain at that rate; DDIM is timed whole.
-  (d) The prior precompute job (jobs.precompute_priors) end to end on the first N real test
-      images, written as one shard into a temp dir: read, degrade, fit, write tars + manifest.
-      Baseline: the one-at-a-time DIP rate of (b) divided by the iterations per image.
-Ratios are > 1 when ours is faster. On a CPU shared with other jobs only the ratios mean much.
+Every row: name, unit, ours, baseline, ratio (> 1 when ours is faster), the GFLOP/s ours
+achieved and the percentage of the matching peak, device, settings. `--out PATH` writes the
+rows as a JSON list (objects with name, unit, ours, baseline, ratio, gflops, peak_gflops,
+pct_of_peak, settings, device, lower_is_better).
+
+Rows:
+  roofline fp32|bf16 GEMM|3x3 conv   this process's sustained rates at the nets' shapes
+                                     (bench/roofline.py): the peaks of the % column
+  training vs diffusers fp32|bf16    our U-Net trained as dipddpm.train.loop trains it, with the
+                                     speed keys of configs/quickstart.yaml (the CPU fast path:
+                                     train.mixed_precision, channels_last, optimizer_impl) vs
+                                     diffusers' UNet2DModel of about the same size trained as
+                                     its train_unconditional.py does (bench/diffusers_ref.py),
+                                     at fp32 and with its --mixed_precision bf16
+  DIP vs plain one-net loop          B nets at once (fit_batch: EMA, PSNR, ES-WMV, snapshots,
+                                     with dip.formulation/dip.precision of
+                                     configs/dip_denoise.yaml) vs one net in a plain fp32 Adam
+                                     loop as the DIP paper's notebook runs it
+                                     (bench/dip_reference.py)
+  DDPM step | DDIM vs diffusers fp32 our samplers driving our U-Net with the sampling speed
+                                     keys of configs/quickstart.yaml (sample.precision,
+                                     channels_last) vs the same samplers driving UNet2DModel
+                                     at fp32; DDPM timed over a few steps of a chain started at
+                                     t0 (exactly that many calls), DDIM whole
+  prior precompute job               jobs.precompute_priors end to end on N real test images vs
+                                     the plain loop's rate divided by the iterations per image
+With --levers, bench/levers.py adds one row per lever (the plain path as the baseline).
+Timing: interleaved calls after untimed warm-up, medians. `--clock cpu` times with this
+process's CPU time instead of the wall clock: on a CPU shared with other jobs it counts only
+the time this process ran (one torch thread only; every row's settings say which clock).
 """
 from __future__ import annotations
 
@@ -33,19 +48,27 @@ import numpy as np
 import torch
 
 from bench import dip_throughput
-from bench.common import Row, device_name, git_commit, markdown_table, short_device, side_by_side, \
-    utc_now
+from bench.common import Row, clock_name, device_name, git_commit, markdown_table, set_clock, \
+    short_device, side_by_side, utc_now
+from bench.dip_reference import time_reference
+from bench.roofline import dip_flops_per_image_iteration, roofline, unet_flops
 from dipddpm.cli import exit_with
-from dipddpm.config import UserError, load_config
+from dipddpm.config import UserError, load_config, parse_override
 from dipddpm.diffusion import Diffusion, ddim_sample, ddpm_sample
 from dipddpm.models.unet import build_unet, count_parameters
-from dipddpm.train.ema import EMA
+from dipddpm.precision import FastForward, autocast, resolve
 from dipddpm.runs import atomic_write_json, atomic_write_text
+from dipddpm.train.ema import EMA
+from dipddpm.train.loop import make_optimizer
 
 
 REPO = Path(__file__).resolve().parents[1]
 DDPM_CONFIG = REPO / "configs" / "ddpm.yaml"  # the training and sampling settings users run
+QUICKSTART_CONFIG = REPO / "configs" / "quickstart.yaml"  # its speed keys are the CPU fast path
+DIP_CONFIG = REPO / "configs" / "dip_denoise.yaml"
 PRIORS_CONFIG = REPO / "configs" / "priors.yaml"
+SPEED_KEYS = ("train.mixed_precision", "train.channels_last", "train.optimizer_impl",
+              "train.compile", "sample.precision", "sample.channels_last")
 
 
 @dataclass(frozen=True)
@@ -67,6 +90,8 @@ class Sizes:
     prior_images: int
     prior_iters: int
     prior_sub_batch: int
+    roofline_reps: int = 5
+    roofline_dip_images: int = 16  # images of the DIP net's convolution in the roofline
     extrapolate_to: int = 70_000  # all of FashionMNIST
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -86,18 +111,19 @@ PRESETS = {
                    train_steps=9,
                    dip_single_images=2, dip_single_iters=10, dip_batches=(16,), dip_iters=10,
                    dip_reps=3,
-                   sample_models=("unet-small",), sample_batch=64,
-                   ddpm_steps=2, sample_reps=3, ddim_steps=5,
+                   sample_models=("unet-small",), sample_batch=256,
+                   ddpm_steps=2, sample_reps=3, ddim_steps=3,
                    prior_images=32, prior_iters=10, prior_sub_batch=32,
-                   notes=("CPU sizes: training batch 32, DIP 16 nets, sampling batch 64 (not "
-                          "1,000), 32 priors at 10 iterations",)),
+                   notes=("CPU sizes: training batch 32, DIP 16 nets, sampling batch 256 "
+                          "(DDIM 3 steps), 32 priors at 10 iterations",)),
     # Seconds: the test's size; the numbers mean nothing.
     "tiny": Sizes(train_models=("unet-tiny",), train_batches=(4,), train_warmup=1, train_steps=2,
                   dip_single_images=1, dip_single_iters=2, dip_batches=(2,), dip_iters=2,
                   dip_reps=1,
                   sample_models=("unet-tiny",), sample_batch=4,
                   ddpm_steps=2, sample_reps=1, ddim_steps=2,
-                  prior_images=4, prior_iters=2, prior_sub_batch=4),
+                  prior_images=4, prior_iters=2, prior_sub_batch=4, roofline_reps=1,
+                  roofline_dip_images=1),
 }
 
 
@@ -106,20 +132,50 @@ def _diffusers():
     return EpsOnly, build_diffusers_unet, diffusers_train_step
 
 
+def speed_overrides(prefix: str) -> list[str]:
+    """The speed keys (SPEED_KEYS) starting with prefix that configs/quickstart.yaml sets for
+    its stages (study.common, then study.train / study.sampling)."""
+    q = load_config(QUICKSTART_CONFIG, []).study
+    kind = {"train.": q.train, "sample.": q.sampling}[prefix]
+    return [o for o in [*q.common, *kind]
+            if parse_override(o)[0] in SPEED_KEYS and o.startswith(prefix)]
+
+
+def fast_config(prefix: str, extra=()):
+    """configs/ddpm.yaml with the quickstart's speed keys for `prefix` (and `extra`) on top."""
+    return load_config(DDPM_CONFIG, [*speed_overrides(prefix), *extra])
+
+
+def describe(cfg, device) -> str:
+    t = cfg.train
+    return (f"{resolve(t.mixed_precision, device)} (train.mixed_precision={t.mixed_precision}), "
+            f"channels_last={t.channels_last}, optimizer_impl={t.optimizer_impl}"
+            + (", compiled" if t.compile else ""))
+
+
 def our_train_step(model, batch_size: int, device, cfg):
-    """One optimizer step as dipddpm.train.loop takes it at fp32, one process, no grad_accum:
-    the Diffusion loss, AdamW, clip, EMA update (its LR schedule, a scalar, is left out)."""
+    """One optimizer step as dipddpm.train.loop takes it, one process, no grad_accum: the
+    Diffusion loss under the run's autocast, AdamW (train.optimizer_impl), clip, EMA update
+    (its LR schedule, a scalar, is left out); train.channels_last puts weights and inputs in
+    NHWC, train.compile compiles the model as Accelerate does (inductor)."""
     diffusion = Diffusion.from_config(cfg.diffusion)
     t = cfg.train
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, t)
     ema = EMA(model, t.ema_decay)
+    forward = torch.compile(model) if t.compile else model
+    precision = resolve(t.mixed_precision, device)
     gen = torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(batch_size, 1, 28, 28, device=device) * 2 - 1
+    if t.channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
 
     def step():
         tt = torch.randint(0, diffusion.T, (batch_size,), device=device, generator=gen)
         noise = torch.randn(x0.shape, device=device, generator=gen)
-        loss = diffusion.loss(model, x0, tt, noise)
+        with autocast(device, precision):
+            loss = diffusion.loss(forward, x0, tt, noise)
         loss.backward()
         if t.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
@@ -139,53 +195,95 @@ def _pair(name: str, device):
     return ours, theirs, counts
 
 
-def bench_training(sz: Sizes, device, where: str) -> list[Row]:
+def _timing(sz: Sizes, reps: int) -> str:
+    return f"median of {reps} interleaved, {clock_name()} clock"
+
+
+def bench_training(sz: Sizes, device, where: str, peaks: dict) -> list[Row]:
     _, _, diffusers_train_step = _diffusers()
-    cfg = load_config(DDPM_CONFIG, [])
+    cfg = fast_config("train.")
+    mine = resolve(cfg.train.mixed_precision, device)
     rows = []
     for name in sz.train_models:
-        ours, theirs, counts = _pair(name, device)
+        flops = unet_flops(name, "ours", True)
         for b in sz.train_batches:
-            s = side_by_side({"ours": our_train_step(ours, b, device, cfg),
-                              "theirs": diffusers_train_step(theirs, b, device)},
-                             warmup=sz.train_warmup, reps=sz.train_steps, device=device)
-            rows.append(Row(f"(a) DDPM training, {name} vs UNet2DModel", "images/s",
-                            b / s["ours"], b / s["theirs"], where,
-                            f"batch {b}, fp32, EMA, {counts}, 28x28 unpadded, median of "
-                            f"{sz.train_steps} interleaved steps after {sz.train_warmup} warm-up"))
+            for theirs_mp in ("no", "bf16"):
+                ours, theirs, counts = _pair(name, device)
+                warmup, reps = sz.train_warmup, sz.train_steps
+                note = ""
+                if theirs_mp == "bf16" and not _native(device):
+                    warmup, reps = min(warmup, 1), min(reps, 3)  # emulated bf16: ~20x slower
+                    note = ("; this device has no native bf16: diffusers' bf16 runs emulated, "
+                            f"{reps} timed steps")
+                s = side_by_side({"ours": our_train_step(ours, b, device, cfg),
+                                  "theirs": diffusers_train_step(theirs, b, device, theirs_mp)},
+                                 warmup=warmup, reps=reps, device=device)
+                label = "fp32" if theirs_mp == "no" else "bf16"
+                suffix = "" if (name, b) == (sz.train_models[0], sz.train_batches[0]) \
+                    else f", {name} batch {b}"
+                rate = b / s["ours"]
+                rows.append(Row(
+                    f"training vs diffusers {label}{suffix}", "images/s", rate, b / s["theirs"],
+                    where,
+                    f"{name} vs UNet2DModel ({counts}), batch {b}, 28x28 unpadded, EMA; ours: "
+                    f"{describe(cfg, device)}; diffusers: {label}; {_timing(sz, reps)} steps "
+                    f"after {warmup} warm-up; {flops / 1e9:.2f} GFLOP/image fwd+bwd{note}",
+                    gflops=rate * flops / 1e9, peak_gflops=peaks.get(("conv", mine))))
     return rows
 
 
-def bench_dip(sz: Sizes, device, where: str) -> tuple[list[Row], float]:
-    """Medians over sz.dip_reps rounds, each round timing one at a time and every batch size
-    once, so a busy spell of a shared machine hits both sides (one round scattered 0.6x-2x
-    here)."""
+def _native(device) -> bool:
+    from dipddpm.precision import native_bf16
+    return native_bf16(torch.device(device).type)
+
+
+def dip_settings():
+    dip = load_config(DIP_CONFIG, []).dip
+    return dip.formulation, dip.precision
+
+
+def bench_dip(sz: Sizes, device, where: str, peaks: dict) -> tuple[list[Row], float]:
+    """Medians over sz.dip_reps rounds, each round timing the reference loop and every batch
+    size once, so a busy spell of a shared machine hits both sides (one round scattered
+    0.6x-2x here)."""
+    formulation, precision = dip_settings()
+    resolved = resolve(precision, device)
+    flops = dip_flops_per_image_iteration()
     dtype = torch.float32
     single, batched = [], {b: [] for b in sz.dip_batches}
     for _ in range(sz.dip_reps):
-        single.append(dip_throughput.time_single(sz.dip_single_images, sz.dip_single_iters,
-                                                 device, dtype))
+        single.append(time_reference(sz.dip_single_images, sz.dip_single_iters, device))
         for b in sz.dip_batches:
-            batched[b].append(dip_throughput.time_batch(b, sz.dip_iters, device, dtype))
+            batched[b].append(dip_throughput.time_batch(b, sz.dip_iters, device, dtype,
+                                                        formulation, precision))
     one = statistics.median(single)
-    rows = [Row(f"(b) DIP fitting, {b} nets at once vs one at a time", "image-iterations/s",
-                statistics.median(rates), one, where,
-                f"study's net (1.33 GFLOP/image-iteration), fp32, median of {sz.dip_reps} "
-                f"interleaved rounds: batched {sz.dip_iters} its; one at a time "
-                f"{sz.dip_single_images} image(s) x {sz.dip_single_iters} its")
-            for b, rates in batched.items()]
+    rows = []
+    for i, (b, rates) in enumerate(batched.items()):
+        rate = statistics.median(rates)
+        rows.append(Row(
+            "DIP vs plain one-net loop" + ("" if i == 0 else f", {b} nets"),
+            "image-iterations/s", rate, one, where,
+            f"ours: {b} nets at once (fit_batch, dip.formulation={formulation}, "
+            f"dip.precision={precision} -> {resolved}), {sz.dip_iters} its; baseline: "
+            f"bench/dip_reference.py, {sz.dip_single_images} image(s) x "
+            f"{sz.dip_single_iters} its, fp32; the study's net, {flops / 1e9:.2f} "
+            f"GFLOP/image-iteration; {_timing(sz, sz.dip_reps)} rounds",
+            gflops=rate * flops / 1e9, peak_gflops=peaks.get(("conv", resolved))))
     return rows, one
 
 
-def bench_sampling(sz: Sizes, device, where: str) -> list[Row]:
+def bench_sampling(sz: Sizes, device, where: str, peaks: dict) -> list[Row]:
     EpsOnly, _, _ = _diffusers()
-    cfg = load_config(DDPM_CONFIG, [])
+    cfg = fast_config("sample.")
+    s_cfg = cfg.sample
+    precision = resolve(s_cfg.precision, device)
     diffusion = Diffusion.from_config(cfg.diffusion)
     T, n = diffusion.T, sz.sample_batch
     rows = []
     for name in sz.sample_models:
+        flops = unet_flops(name, "ours", False)
         ours, theirs, counts = _pair(name, device)
-        ours.eval()
+        ours = FastForward(ours.eval(), s_cfg.precision, s_cfg.channels_last)
         theirs = EpsOnly(theirs).eval()
         zeros = torch.zeros(n, 1, 28, 28, device=device)
 
@@ -201,16 +299,24 @@ def bench_sampling(sz: Sizes, device, where: str) -> list[Row]:
         ms = {k: v / sz.ddpm_steps * 1e3 for k, v in s.items()}
         s = side_by_side({"ours": ddim(ours), "theirs": ddim(theirs)}, **kw)
         ddim_rate = {k: n / v for k, v in s.items()}
-        base = f"batch {n}, fp32, {counts}, median of {sz.sample_reps}"
+        suffix = "" if name == sz.sample_models[0] else f", {name}"
+        base = (f"{name} vs UNet2DModel ({counts}), batch {n}; ours: {precision} "
+                f"(sample.precision={s_cfg.precision}), channels_last={s_cfg.channels_last}; "
+                f"diffusers fp32; {flops / 1e9:.2f} GFLOP/image forward; "
+                f"{_timing(sz, sz.sample_reps)}")
+        step_gflops = n * flops / (ms["ours"] / 1e3) / 1e9
+        peak = peaks.get(("conv", precision))
         rows += [
-            Row(f"(c) DDPM sampling step, {name} vs UNet2DModel", "ms/step", ms["ours"],
-                ms["theirs"], where, f"{base} runs of {sz.ddpm_steps} steps",
-                lower_is_better=True),
-            Row(f"(c) DDPM sampling T={T}, {name} vs UNet2DModel", "images/s",
+            Row(f"DDPM step vs diffusers fp32{suffix}", "ms/step", ms["ours"], ms["theirs"],
+                where, f"{base} runs of {sz.ddpm_steps} steps", lower_is_better=True,
+                gflops=step_gflops, peak_gflops=peak),
+            Row(f"DDPM T={T} vs diffusers fp32{suffix}", "images/s",
                 n / (ms["ours"] * T / 1e3), n / (ms["theirs"] * T / 1e3), where,
-                f"{base}, {T} steps at the rate of the row above"),
-            Row(f"(c) DDIM sampling {sz.ddim_steps} steps, {name} vs UNet2DModel", "images/s",
-                ddim_rate["ours"], ddim_rate["theirs"], where, f"{base} whole runs"),
+                f"{base}; {T} steps at the rate of the DDPM step row", gflops=step_gflops,
+                peak_gflops=peak),
+            Row(f"DDIM vs diffusers fp32{suffix}", "images/s", ddim_rate["ours"],
+                ddim_rate["theirs"], where, f"{base} whole runs of {sz.ddim_steps} steps",
+                gflops=ddim_rate["ours"] * sz.ddim_steps * flops / 1e9, peak_gflops=peak),
         ]
     return rows
 
@@ -234,11 +340,13 @@ def slice_dataset(src: Path, out: Path, n: int) -> Path:
     return out
 
 
-def bench_priors(sz: Sizes, data_dir: Path, single_rate: float) -> Row:
+def bench_priors(sz: Sizes, data_dir: Path, single_rate: float, peaks: dict) -> Row:
     from jobs import precompute_priors
 
     # the job picks its device itself: the GPU whenever there is one
-    where = short_device("cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    where = short_device(device)
+    formulation, precision = dip_settings()
 
     with tempfile.TemporaryDirectory(prefix="bench-priors-") as tmp:
         data = slice_dataset(data_dir, Path(tmp) / "data", sz.prior_images)
@@ -251,25 +359,36 @@ def bench_priors(sz: Sizes, data_dir: Path, single_rate: float) -> Row:
     count = sum(e["count"] for e in result["shards"])
     rate = count / wall
     settings = (f"{count} real test images, {sz.prior_iters} its, sub_batch "
-                f"{sz.prior_sub_batch}, W&B off; at this rate {sz.extrapolate_to:,} images take "
-                f"{sz.extrapolate_to / rate / 60:,.1f} min")
-    return Row("(d) prior precompute job end to end vs one net at a time", "images/s", rate,
-               single_rate / sz.prior_iters, where, settings)
+                f"{sz.prior_sub_batch}, configs/priors.yaml's dip.formulation/precision, W&B "
+                f"off, wall clock; at this rate {sz.extrapolate_to:,} images take "
+                f"{sz.extrapolate_to / rate / 60:,.1f} min; baseline: the plain loop's "
+                f"image-iterations/s / {sz.prior_iters}")
+    resolved = resolve(load_config(PRIORS_CONFIG, []).dip.precision, device)
+    return Row("prior precompute job vs plain one-net loop", "images/s", rate,
+               single_rate / sz.prior_iters, where, settings,
+               gflops=rate * sz.prior_iters * dip_flops_per_image_iteration() / 1e9,
+               peak_gflops=peaks.get(("conv", resolved)))
 
 
-def run(sz: Sizes, device, data_dir: Path, sections: str = "abcd") -> list[Row]:
+def run(sz: Sizes, device, data_dir: Path, sections: str = "abcd", levers: bool = False,
+        preset: str = "quick") -> list[Row]:
     where = short_device(device)
-    rows: list[Row] = []
+    batch = sz.train_batches[0]
+    rows, peaks = roofline(device, where, batch=batch, reps=sz.roofline_reps,
+                           dip_images=sz.roofline_dip_images)
     single = None
     if "a" in sections:
-        rows += bench_training(sz, device, where)
+        rows += bench_training(sz, device, where, peaks)
     if "b" in sections or "d" in sections:
-        dip_rows, single = bench_dip(sz, device, where)
+        dip_rows, single = bench_dip(sz, device, where, peaks)
         rows += dip_rows if "b" in sections else []
     if "c" in sections:
-        rows += bench_sampling(sz, device, where)
+        rows += bench_sampling(sz, device, where, peaks)
     if "d" in sections:
-        rows.append(bench_priors(sz, data_dir, single))
+        rows.append(bench_priors(sz, data_dir, single, peaks))
+    if levers:
+        from bench.levers import LEVER_PRESETS, run_levers
+        rows += run_levers(LEVER_PRESETS[preset], device, where, peaks, data_dir)
     return rows
 
 
@@ -277,7 +396,7 @@ def section(rows: list[Row], device, preset: str, notes: tuple[str, ...]) -> str
     """The block --append adds to BENCHMARKS.md: who, when, which commit, then the table."""
     head = (f"### {device_name(device)}: `python -m bench.run --preset {preset}`\n\n"
             f"device: {device_name(device)}; date: {utc_now()}; commit: {git_commit()}; "
-            f"torch {torch.__version__}\n")
+            f"torch {torch.__version__}; {clock_name()} clock\n")
     extra = "".join(f"- {n}\n" for n in notes)
     return f"{head}\n{extra}{chr(10) if extra else ''}{markdown_table(rows)}"
 
@@ -289,10 +408,15 @@ def main(argv=None) -> list[Row]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    choices=["cpu", "cuda"])
     p.add_argument("--data", type=Path, default=Path("data/fashion-mnist"),
-                   help="prepared shards (jobs.prepare_data) for the priors row")
+                   help="prepared shards (jobs.prepare_data) for the priors row and the levers' "
+                        "end-to-end training runs")
     p.add_argument("--only", default="abcd", help="sections to run, e.g. 'ab'")
+    p.add_argument("--levers", action="store_true",
+                   help="also every lever of BENCHMARKS.md, one at a time (bench/levers.py)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    p.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: this process's CPU time (one thread, shared machines)")
+    p.add_argument("--out", type=Path, help="also write the rows as a JSON list here")
     p.add_argument("--append", type=Path, metavar="BENCHMARKS.md",
                    help="append the table with device, date and commit to this file")
     args = p.parse_args(argv)
@@ -302,19 +426,25 @@ def main(argv=None) -> list[Row]:
         raise UserError("--device cuda: torch sees no CUDA device")
     if not args.only or set(args.only) - set("abcd"):
         raise UserError(f"--only {args.only!r}: use letters of 'abcd'")
-    if "d" in args.only and not (args.data / "manifest.json").exists():
+    if ("d" in args.only or args.levers) and not (args.data / "manifest.json").exists():
         raise UserError(f"--data {args.data}: no manifest.json; run python -m "
-                        "jobs.prepare_data first, or leave out the priors row with --only abc")
+                        "jobs.prepare_data first, or leave out the priors row with --only abc "
+                        "(and --levers)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# bench.run --preset {preset} on {device_name(args.device)}", flush=True)
-    rows = run(sz, args.device, args.data, args.only)
-    table = markdown_table(rows)
-    print(table, flush=True)
+    if args.clock == "cpu" and (args.device == "cuda" or torch.get_num_threads() != 1):
+        raise UserError("--clock cpu: needs --device cpu and one torch thread (--threads 1); "
+                        "CPU time sums threads and does not see the GPU")
+    set_clock(args.clock)
+    print(f"# bench.run --preset {preset} on {device_name(args.device)}, {args.clock} clock",
+          flush=True)
+    rows = run(sz, args.device, args.data, args.only, args.levers, preset)
+    print(markdown_table(rows), flush=True)
     if args.out:
-        atomic_write_json(args.out, {"preset": preset, "device": device_name(args.device),
-                                     "date": utc_now(), "commit": git_commit(),
-                                     "rows": [r.as_dict() for r in rows]})
+        meta = {"preset": preset, "date": utc_now(), "commit": git_commit(),
+                "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "clock": args.clock, "device_name": device_name(args.device)}
+        atomic_write_json(args.out, [r.as_dict() | meta for r in rows])
     if args.append:
         old = args.append.read_text() if args.append.exists() else ""
         sep = "" if not old or old.endswith("\n\n") else ("\n" if old.endswith("\n") else "\n\n")

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("config", "runs", "cli", "tracking", "registry", "artifacts", "progress"),
+    ("config", "runs", "cli", "tracking", "registry", "artifacts", "progress", "precision"),
     ("data", "models", "diffusion"),
     ("dip", "train", "evaluate"),
     ("protocols",),
@@ -18,7 +18,8 @@ every import, module- and function-level, and holds the library to this):
   convention (`cli`), metrics.jsonl and W&B (`tracking`), the names the schema validates
   against (`registry`: model sizes, restoration tasks) and the writers every layer shares
   (`artifacts`: PNG figures and image grids, table number formatting), and the progress bar
-  every long loop uses (`progress`);
+  every long loop uses (`progress`), and which precision a fast path computes in on this
+  machine (`precision`);
 - components: shards and loaders (`data`), networks (`models`), schedules and samplers
   (`diffusion`);
 - what is built from them: DIP fitting and priors (`dip`), DDPM training and sampling from a

@@ -144,8 +144,14 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"
     clip_grad: float = 1.0  # 0 disables
     # null: the launcher's (accelerate launch --mixed_precision / accelerate config, seen as
-    # ACCELERATE_MIXED_PRECISION), else "no"; a value here holds over the launcher's
-    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
+    # ACCELERATE_MIXED_PRECISION), else "no"; a value here holds over the launcher's; auto:
+    # bf16 where the hardware runs it natively, else no (fp32); see dipddpm.precision
+    mixed_precision: Optional[Literal["no", "fp16", "bf16", "auto"]] = None
+    # model weights and inputs in NHWC: faster oneDNN convolutions (the same numbers up to rounding)
+    channels_last: bool = neutral(False)
+    # AdamW implementation: default = torch's choice (a for-loop on CPU tensors, foreach on
+    # CUDA); fused = one kernel over all parameters (CPU and CUDA); same update up to rounding
+    optimizer_impl: Literal["default", "foreach", "fused"] = neutral("default")
     ema_decay: float = 0.999
     ema_start_images: int = 0  # EMA copies the weights until this many images were seen
     ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)): early EMA follows the net
@@ -193,6 +199,10 @@ class SampleConfig:
     num: int = 64
     batch_size: int = 256
     t0: Optional[int] = None  # start step; None -> T (pure noise)
+    # every job that samples from a trained model (jobs.sample, the protocols): the U-Net's
+    # forward under autocast at this precision (auto: bf16 where native), NHWC when asked
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    channels_last: bool = False
 
     def check(self, fail):
         if self.steps < 1:
@@ -237,6 +247,26 @@ class DIPConfig:
     num_images: int = 256
     batch_size: int = neutral(64)  # nets fitted at once (a net's randomness: its image's key)
     record_every: int = 50  # fit_dip: PSNR table resolution in iterations
+    # how B nets at once evaluate (dipddpm.models.dip) and in which precision (auto: bf16
+    # where native; parameters, Adam and the monitoring stay fp32)
+    formulation: Literal["grouped", "bmm", "loop"] = neutral("grouped")
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+
+    def fit_identity(self) -> dict:
+        """The section as fingerprints of finished fits (fit_dip batches, priors) see it.
+
+        formulation is left out (every formulation computes the same function, up to
+        rounding), and precision is resolved for this machine and left out when fp32, so work
+        finished before these keys existed still matches and is not redone."""
+        from dipddpm.precision import resolve  # late: keeps config free of torch at import
+        import torch
+
+        out = dataclasses.asdict(self)
+        del out["formulation"]
+        precision = resolve(out.pop("precision"), "cuda" if torch.cuda.is_available() else "cpu")
+        if precision != "fp32":
+            out["precision"] = precision
+        return out
 
     def check(self, fail):
         for key in ("in_channels", "out_channels", "scales", "channels_down", "channels_up",

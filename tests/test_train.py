@@ -248,6 +248,26 @@ def test_ema_decay_warms_up_and_the_ema_follows():
     assert torch.equal(ema.model.weight, net.weight)
 
 
+def test_fast_cpu_path_keeps_the_loss_curve_and_resumes(full_run, tiny_shards, tmp_path):
+    """channels_last + fused AdamW (+ auto precision, fp32 where bf16 is not native) trains the
+    plain run's model: same batches, losses within rounding, step by step; and a run stopped
+    on the plain path resumes on the fast one."""
+    from dipddpm.precision import native_bf16
+
+    fast = ["train.channels_last=true", "train.optimizer_impl=fused",
+            "train.mixed_precision=auto"]
+    run = tmp_path / "fast"
+    train(run, tiny_shards, *RUN, "train.max_steps=3")  # plain, stopped mid-run
+    train(run, tiny_shards, *RUN, "train.max_steps=10", *fast)
+    plain, quick = losses(full_run), losses(run)
+    assert [r[:2] for r in quick] == [r[:2] for r in plain]
+    a, b = np.array([r[2] for r in plain]), np.array([r[2] for r in quick])
+    tol = 0.05 if native_bf16("cpu") else 1e-3
+    assert np.all(np.abs(a - b) <= tol * a), (a, b)
+    results = json.loads((run / "results.json").read_text())
+    assert results["mixed_precision"] == ("bf16" if native_bf16("cpu") else "no")
+
+
 def test_bf16_autocast_keeps_the_loss_curve_of_fp32(full_run, tiny_shards, tmp_path):
     """The mixed-precision fast path trains the same model: same batches, same t and noise,
     losses within bf16's rounding of the fp32 run's, step by step."""

@@ -37,6 +37,7 @@ from dipddpm.dip.metrics import psnr
 from dipddpm.dip.seeds import hash_normal, hash_uniform, sample_seed
 from dipddpm.dip.stopping import EsWmv
 from dipddpm.models.dip import SkipNet, SkipSpec, grouped_forward, stack_params
+from dipddpm.precision import compute_dtype
 
 BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as in the DIP author's code
 EPS = 1e-8
@@ -58,6 +59,10 @@ class FitSettings:
     # iters + es_patience iterations), so ES-WMV's pick and cost are the published rule's, not
     # cut at the budget; the budget estimate is still the one at `iters`
     es_decide: bool = False
+    # fit_batch's network evaluation (dipddpm.models.dip): how the B nets' 3x3 convolutions
+    # run, and the compute precision ("auto": bf16 where native, see dipddpm.precision)
+    formulation: str = "grouped"
+    precision: str = "fp32"
 
     @classmethod
     def from_config(cls, dip, **overrides) -> "FitSettings":
@@ -378,11 +383,14 @@ def fit_batch(y, mask, clean, seeds: Sequence[int], spec: SkipSpec, s: FitSettin
     nan = torch.full((b,), math.nan, dtype=torch.float64, device=device)
     rows = {"seed": seed_t, "z": net_input(seed_t, (cin, h, w), s, dtype, device),
             "ref": nan, "snap_ref": nan.clone()}
+    low = compute_dtype(s.precision, device)  # None: the nets compute in `dtype`
+    low = None if low == torch.float32 else low
     for t in range(mon.length):
         a_idx = mon.active
         na = stack.a
         x = jittered(rows["z"], rows["seed"], t, s).reshape(1, na * cin, h, w)
-        out = grouped_forward(template, stack.p, x, na).reshape(na, cout, h, w)
+        out = grouped_forward(template, stack.p, x, na, s.formulation,
+                              low).reshape(na, cout, h, w)
         loss = (((out - y[a_idx]) ** 2) * mask[a_idx]).mean((1, 2, 3)).sum()
         names = list(stack.p)
         grads = dict(zip(names, torch.autograd.grad(loss, [stack.p[n] for n in names])))

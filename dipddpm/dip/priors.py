@@ -71,7 +71,8 @@ READS = ("run", "data.dir", "priors.name", "priors.split", "priors.sub_batch",
 
 def settings_of(cfg: Config, data_fingerprint: str) -> dict:
     """Everything that changes a prior's bytes; its hash names a compatible result."""
-    return {"dip": {k: getattr(cfg.dip, k) for k in prior_dip_keys()},
+    identity = cfg.dip.fit_identity()  # precision resolved; absent when fp32 (older priors match)
+    return {"dip": {k: identity[k] for k in prior_dip_keys() if k in identity},
             "observation": cfg.protocol.observation,
             "split": cfg.priors.split, "run_seed": cfg.run.seed, "data": data_fingerprint}
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -95,7 +95,7 @@ READS = ("run", "data.dir", "dip")
 
 
 def _fingerprint(cfg: Config, sigma: float, keys: list[str]) -> str:
-    dip = {k: v for k, v in asdict(cfg.dip).items() if k not in _NOT_IN_FINGERPRINT}
+    dip = {k: v for k, v in cfg.dip.fit_identity().items() if k not in _NOT_IN_FINGERPRINT}
     text = json.dumps([dip, cfg.run.seed, sigma, keys], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -12,6 +12,22 @@ cropped back to 7). The default (3 input channels, 3 scales, 128/128/4 channels)
 (conv weight [B*Cout, Cin, k, k] with groups=B, BN affine [B*C]) on images [1, B*C, H, W]:
 BatchNorm in train mode on a batch of one image normalises each channel over H, W only, so
 per-channel statistics of the stacked tensor are exactly each net's own statistics.
+
+Formulations of the 3x3 convolutions of B nets at once (`dip.formulation`; 1x1 convolutions are
+a batched matmul in all three, normalisation and activations run on the whole stack):
+  grouped  one grouped convolution (groups=B): oneDNN's grouped kernel
+  bmm      im2col (F.unfold) and one batched matmul [B, Cout, Cin*9] x [B, Cin*9, H*W]: MKL's
+           batched GEMM, the col2im (F.fold) in the backward
+  loop     B plain convolutions, one per net (batch of one each), outputs concatenated
+All three compute the same function (tested in float64). On one AMD EPYC (AVX2) core, fp32,
+16 nets, forward + backward (CPU time, a busy machine): grouped 34 image-iterations/s, loop 32,
+bmm 28; grouped stays the default (BENCHMARKS.md has the lever table).
+
+`dtype` runs the stack in another compute precision: parameters and input are cast to it
+(differentiably, so the gradients reach the fp32 master parameters in fp32) and the output comes
+back in fp32. `round_fn`, for benchmarks only, is applied to the parameters, the input and every
+layer's output: with a bf16 round trip it emulates bf16 storage at fp32 speed on a CPU without
+native bf16 (bench/dip_precision.py).
 """
 from __future__ import annotations
 
@@ -149,7 +165,34 @@ def unstack_params(stacked: dict[str, torch.Tensor], groups: int,
     return out
 
 
-def _gconv(conv: nn.Conv2d, params, name, x, groups):
+FORMULATIONS = ("grouped", "bmm", "loop")
+
+
+def _conv_kxk(x, weight, bias, stride: int, groups: int, formulation: str):
+    """k x k convolution of `groups` nets, x [1, B*Cin, H, W] already padded."""
+    if formulation == "grouped" or groups == 1:
+        return F.conv2d(x, weight, bias, stride, groups=groups)
+    _, _, h, w = x.shape
+    k = weight.shape[-1]
+    cin = weight.shape[1]
+    xb = x.reshape(groups, cin, h, w)
+    if formulation == "bmm":
+        ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
+        cols = F.unfold(xb, k, stride=stride)  # [B, Cin*k*k, Ho*Wo]
+        out = torch.baddbmm(bias.view(groups, -1, 1), weight.reshape(groups, -1, cin * k * k),
+                            cols)
+        return out.view(1, -1, ho, wo)
+    if formulation == "loop":
+        ws = weight.view(groups, -1, cin, k, k).unbind(0)
+        bs = bias.view(groups, -1).unbind(0)
+        # split/unbind, not x[b:b+1]: one backward node instead of B zero-filled full grads
+        out = torch.cat([F.conv2d(xg, wg, bg, stride)
+                         for xg, wg, bg in zip(xb.split(1, 0), ws, bs)], 0)
+        return out.view(1, -1, *out.shape[2:])
+    raise ValueError(f"unknown formulation {formulation!r}; choose from {', '.join(FORMULATIONS)}")
+
+
+def _gconv(conv: nn.Conv2d, params, name, x, groups, formulation="grouped"):
     weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]
     if groups > 1 and conv.kernel_size == (1, 1) and conv.stride == (1, 1):
         # a grouped 1x1 conv is a batched matmul; CPU conv kernels run it group by group
@@ -161,14 +204,14 @@ def _gconv(conv: nn.Conv2d, params, name, x, groups):
     pad = conv.padding[0]
     if pad:
         x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    return F.conv2d(x, weight, bias, conv.stride, groups=groups)
+    return _conv_kxk(x, weight, bias, conv.stride[0], groups, formulation)
 
 
-def _gseq(seq: nn.Sequential, params, prefix, x, groups):
+def _gseq(seq: nn.Sequential, params, prefix, x, groups, formulation, rnd):
     for i, layer in enumerate(seq):
         name = f"{prefix}.{i}"
         if isinstance(layer, nn.Conv2d):
-            x = _gconv(layer, params, name, x, groups)
+            x = _gconv(layer, params, name, x, groups, formulation)
         elif isinstance(layer, nn.BatchNorm2d):
             # one group per channel = BN statistics of a single image; on CPU group_norm is
             # ~100x faster than batch_norm for a batch of one
@@ -178,25 +221,44 @@ def _gseq(seq: nn.Sequential, params, prefix, x, groups):
             x = F.leaky_relu(x, LEAK)
         else:
             raise TypeError(f"grouped form has no rule for {type(layer).__name__}")
+        x = rnd(x)
     return x
 
 
-def _gscale(scale: _Scale, params, prefix, x, groups):
-    deep = _gseq(scale.down, params, f"{prefix}.down", x, groups)
+def _gscale(scale: _Scale, params, prefix, x, groups, formulation, rnd):
+    deep = _gseq(scale.down, params, f"{prefix}.down", x, groups, formulation, rnd)
     if scale.inner is not None:
-        deep = _gscale(scale.inner, params, f"{prefix}.inner", deep, groups)
-    deep = F.interpolate(deep, scale_factor=2, mode="bilinear", align_corners=False)
+        deep = _gscale(scale.inner, params, f"{prefix}.inner", deep, groups, formulation, rnd)
+    deep = rnd(F.interpolate(deep, scale_factor=2, mode="bilinear", align_corners=False))
     if scale.skip is None:
-        return _gseq(scale.up, params, f"{prefix}.up", deep, groups)
-    skip = _gseq(scale.skip, params, f"{prefix}.skip", x, groups)
-    return _gseq(scale.up, params, f"{prefix}.up", concat_cropped([skip, deep], groups), groups)
+        return _gseq(scale.up, params, f"{prefix}.up", deep, groups, formulation, rnd)
+    skip = _gseq(scale.skip, params, f"{prefix}.skip", x, groups, formulation, rnd)
+    return _gseq(scale.up, params, f"{prefix}.up", concat_cropped([skip, deep], groups), groups,
+                 formulation, rnd)
+
+
+def _identity(x):
+    return x
 
 
 def grouped_forward(net: SkipNet, params: dict[str, torch.Tensor], x: torch.Tensor,
-                    groups: int) -> torch.Tensor:
+                    groups: int, formulation: str = "grouped", dtype: torch.dtype | None = None,
+                    round_fn=None) -> torch.Tensor:
     """Forward of `groups` nets shaped like `net`, with stacked `params`, on x [1, B*Cin, H, W].
 
-    `net` supplies only the structure; its own parameters are not used. Returns [1, B*Cout, H, W].
-    """
-    body = _gscale(net.body, params, "body", x, groups)
-    return torch.sigmoid(_gconv(net.head, params, "head", body, groups))
+    `net` supplies only the structure; its own parameters are not used. Returns [1, B*Cout, H, W]
+    in x's dtype. `formulation`, `dtype` and `round_fn`: see the module docstring."""
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"unknown formulation {formulation!r}; choose from "
+                         f"{', '.join(FORMULATIONS)}")
+    out_dtype = x.dtype
+    rnd = round_fn or _identity
+    if dtype is not None and dtype != x.dtype:
+        params = {n: t.to(dtype) for n, t in params.items()}
+        x = x.to(dtype)
+    if round_fn is not None:
+        params = {n: rnd(t) for n, t in params.items()}
+        x = rnd(x)
+    body = _gscale(net.body, params, "body", x, groups, formulation, rnd)
+    return torch.sigmoid(rnd(_gconv(net.head, params, "head", body, groups,
+                                    formulation))).to(out_dtype)

@@ -1,6 +1,7 @@
 """Load trained EMA weights and draw samples (the library side of jobs/sample.py).
 
     model, diffusion, info = load_trained("runs/ddpm", cfg)   # also for restoration jobs
+    (sample.precision / sample.channels_last wrap the U-Net in precision.FastForward)
     x, nfe = ddim_sample(model, diffusion, (n, 1, 28, 28), steps=50, generator=seed)
 
 The model and diffusion settings come from the training run's config.yaml when the weights
@@ -37,6 +38,7 @@ from dipddpm.config import Config, ConfigError, config_from_dict
 from dipddpm.data import load_split
 from dipddpm.diffusion import Diffusion, ddim_timesteps, sample
 from dipddpm.models.unet import build_unet
+from dipddpm.precision import FastForward, resolve
 from dipddpm.progress import bar
 from dipddpm.runs import CONFIG_FILE, SAMPLES_DIR, atomic_write_bytes, atomic_write_json, \
     prepare_run_dir
@@ -73,8 +75,12 @@ def load_trained(where, cfg: Config, device=None):
                           f"{trained.model.name!r} ({str(e).splitlines()[0]})") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval().requires_grad_(False)
+    s = cfg.sample
+    if resolve(s.precision, device) != "fp32" or s.channels_last:
+        model = FastForward(model, s.precision, s.channels_last)  # sample.precision et al.
     info = {"weights": str(weights), "model": trained.model.name,
-            "diffusion": vars(trained.diffusion).copy()}
+            "diffusion": vars(trained.diffusion).copy(),
+            "precision": resolve(s.precision, device), "channels_last": s.channels_last}
     return model, Diffusion.from_config(trained.diffusion), info
 
 

@@ -39,6 +39,7 @@ from dipddpm.data import batches_per_epoch, make_loader
 from dipddpm.diffusion import Diffusion, ddim_sample
 from dipddpm.models.unet import build_unet, count_parameters
 from dipddpm.progress import bar
+from dipddpm.precision import accelerate_precision
 from dipddpm.runs import METRICS_FILE, RESULTS_FILE, SAMPLES_DIR, atomic_write_json, \
     prepare_run_dir, read_jsonl, seed_everything
 from dipddpm.tracking import Tracker, rows_through_step
@@ -58,6 +59,9 @@ def make_accelerator(mixed_precision: str | None, cpu: bool | None = None,
     cpu defaults to True on a CPU-only host: a plain Accelerator() under torchrun there reports
     one process per rank and every rank would train alone, silently."""
     cpu = not torch.cuda.is_available() if cpu is None else cpu
+    # "auto" becomes bf16 where the hardware has native bf16, else "no" (dipddpm.precision)
+    if mixed_precision is not None:
+        mixed_precision = accelerate_precision(mixed_precision, "cpu" if cpu else "cuda")
     # compile through Accelerate: it compiles after the DDP wrap, and unwraps for save_state
     acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision,
                       dynamo_backend="inductor" if compile else None)
@@ -72,6 +76,28 @@ def make_accelerator(mixed_precision: str | None, cpu: bool | None = None,
         print(f"warning: train.mixed_precision = {mixed_precision} (config) holds over the "
               f"launcher's {launcher} (ACCELERATE_MIXED_PRECISION)", flush=True)
     return acc
+
+
+def make_optimizer(model: torch.nn.Module, t) -> torch.optim.AdamW:
+    """AdamW with train.optimizer_impl: torch's default, foreach or fused (the same update)."""
+    return set_optimizer_impl(torch.optim.AdamW(model.parameters(), lr=t.lr,
+                                                weight_decay=t.weight_decay), t.optimizer_impl)
+
+
+def set_optimizer_impl(optimizer, impl: str):
+    """Set the implementation flags, also after a resume: load_state_dict brings back the flags
+    the checkpoint was saved with, so a run resumed with another train.optimizer_impl would
+    otherwise keep the old one."""
+    for group in optimizer.param_groups:
+        group["foreach"] = True if impl == "foreach" else None
+        group["fused"] = True if impl == "fused" else None
+    if impl == "fused":  # the fused kernel wants step counts beside the parameters
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                st = optimizer.state.get(p)
+                if st and torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].to(p.device, torch.float32)
+    return optimizer
 
 
 def lr_at(images: int, cfg, total_images: float) -> float:
@@ -185,10 +211,12 @@ def train(cfg: Config) -> dict:
     # copy is taken before that), then a different stream per rank for everything else.
     seed_everything(cfg.run.seed)
     model = build_unet(cfg.model.name)
+    if t.channels_last:  # NHWC weights make every conv of the model NHWC (oneDNN's fast layout)
+        model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, t.ema_decay)
     seed_everything(cfg.run.seed * world + rank)
     diffusion = Diffusion.from_config(cfg.diffusion)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(model, t)
     model, optimizer = acc.prepare(model, optimizer)  # not the loader: see dipddpm/data/stream.py
     ema.model.to(device)
 
@@ -207,6 +235,7 @@ def train(cfg: Config) -> dict:
     keep_rows = 0 if cfg.run.resume else None  # no checkpoint yet: every step gets redone
     if resumed_from is not None:
         state = load_checkpoint(acc, resumed_from, ema)
+        set_optimizer_impl(optimizer, t.optimizer_impl)
         if acc.is_main_process:
             keep_rows = metrics_rows_at(run_dir, state, going_on=state.step < total_steps)
     acc.wait_for_everyone()
@@ -282,6 +311,8 @@ def train(cfg: Config) -> dict:
             if keys_file is not None:
                 keys_file.write(f"{state.step} " + " ".join(batch["key"]) + "\n")
             x0 = batch["image"].to(device, non_blocking=True)
+            if t.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
             tt = torch.randint(0, diffusion.T, (x0.shape[0],), device=device, generator=noise_gen)
             # each micro-batch of the variant gets its own DIP net (seed + micro)
             noise = training_noise(x0, noise_gen, dip_noise, (seed + micro) % 2**63)
