@@ -1,4 +1,4 @@
-"""The DIP baseline of bench.run: one net, fp32, Adam, a plain loop, as the DIP paper's code runs it.
+"""The DIP baseline of bench.run: one net, fp32, Adam, a plain loop, as the DIP paper runs it.
 
 Written after the denoising notebook of the Deep Image Prior repository (Ulyanov et al.,
 denoising.ipynb: `closure()` inside `optimize()`), not with dipddpm's fitting machinery, so the

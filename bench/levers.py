@@ -1,4 +1,4 @@
-"""Every speed lever of BENCHMARKS.md, one at a time, against the plain path (python -m bench.run --levers).
+"""Every speed lever of BENCHMARKS.md, one at a time, against the plain path (bench.run --levers).
 
 Rows are named "lever: <workload>, <lever>"; ours is the workload with the lever, baseline the
 plain path (today's defaults), in the same process and thread count, interleaved. Workloads:

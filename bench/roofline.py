@@ -1,4 +1,4 @@
-"""This machine's sustained GEMM and 3x3-convolution FLOP/s at the nets' shapes, and FLOPs per image.
+"""This machine's sustained GEMM and 3x3-conv FLOP/s at the nets' shapes, and FLOPs per image.
 
 Peaks are measured in the calling process at its torch thread count, so a row's "% of peak"
 compares like with like. Each peak is the best over the nets' own shapes (and, for the

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "auto")  # dip.precision, sample.precision
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

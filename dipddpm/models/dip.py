@@ -19,9 +19,9 @@ a batched matmul in all three, normalisation and activations run on the whole st
   bmm      im2col (F.unfold) and one batched matmul [B, Cout, Cin*9] x [B, Cin*9, H*W]: MKL's
            batched GEMM, the col2im (F.fold) in the backward
   loop     B plain convolutions, one per net (batch of one each), outputs concatenated
-All three compute the same function (tested in float64). On one AMD EPYC (AVX2) core, fp32,
-16 nets, forward + backward (CPU time, a busy machine): grouped 34 image-iterations/s, loop 32,
-bmm 28; grouped stays the default (BENCHMARKS.md has the lever table).
+All three compute the same function (tested in float64). On one AMD EPYC (Zen 3, AVX2) core,
+fp32, 16 nets, whole fits (CPU time on a busy machine): grouped 31.6 image-iterations/s, loop
+31.5, bmm 27.8; grouped stays the default (BENCHMARKS.md has the lever table).
 
 `dtype` runs the stack in another compute precision: parameters and input are cast to it
 (differentiably, so the gradients reach the fp32 master parameters in fp32) and the output comes
