@@ -100,11 +100,17 @@ def test_generation_job_rows_references_and_memorisation(world, job):
                       if not (src == "data_free" and arm == "clean_start")]
     assert [(r["arm"], r["source"]) for r in res["arms"] if r["arm"] == "dip_estimate"] == \
         [("dip_estimate", s) for s in ("train", "heldout", "data_free")]
+    unet_g = next(r["gflop_per_sample"] / r["nfe"] for r in res["arms"] if r["arm"] == "ddim")
+    dip_g = next(r["gflop_per_sample"] / r["dip_iters"] for r in res["arms"]
+                 if r["arm"] == "dip_estimate" and r["source"] == "train")
+    assert unet_g > 0 and dip_g > 0
     for r in res["arms"]:
         assert (run_dir / r["grid"]).is_file()
         assert {"nfe", "dip_iters", "seconds_per_sample", "fid", "kid", "fid_heldout",
                 "kid_heldout", "kid_std_heldout"} <= set(r)
-        assert "passes" not in r and "gflop_per_sample" not in r
+        assert "passes" not in r
+        # compute: nfe U-Net forwards + dip_iters DIP iterations, each counted once per model
+        assert r["gflop_per_sample"] == pytest.approx(r["nfe"] * unet_g + r["dip_iters"] * dip_g)
         assert r["fid"] >= 0 and r["fid_heldout"] >= 0
         if r["sigma_t0"] is not None:  # the t0 used is the one the noise level maps to
             assert (r["t0"], r["sigma_t0_realised"]) == pytest.approx(start_t0(d, r["sigma_t0"]))

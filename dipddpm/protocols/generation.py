@@ -58,8 +58,10 @@ their nearest training image (for train sources: the nearest training image is t
 
 Compute. Each row has `nfe` (counted model calls per sample), `dip_iters` (DIP iterations per
 image actually run: budget, or each net's stop) and `seconds_per_sample` (reverse chain plus
-the DIP fit per image, on `device`); `reverse_seconds_per_sample` is the chain alone. FLOPs are
-not counted here: rows carry no `gflop_per_sample` until a FLOP counter exists.
+the DIP fit per image, on `device`); `reverse_seconds_per_sample` is the chain alone;
+`gflop_per_sample` = nfe x one U-Net forward + dip_iters x one DIP iteration (forward and
+backward), each counted once per model with torch's FLOP counter (dipddpm.evaluate.flops; the
+untrained data-free net's single forward is not counted).
 
 results.json:
   {"protocol": "generation", "n": N, "T": int, "device": str, "model": {...},
@@ -77,7 +79,7 @@ results.json:
    "arms": [{"arm": "ddpm" | "ddim" | "dip_estimate" | "dip_start" | "clean_start",
              "source": null | "train" | "heldout" | "data_free",
              "sigma_t0": float|null, "sigma_t0_realised": float|null, "t0": int|null,
-             "steps": int|null, "nfe": int, "dip_iters": float,
+             "steps": int|null, "nfe": int, "dip_iters": float, "gflop_per_sample": float,
              "seconds_per_sample": float, "reverse_seconds_per_sample": float,
              "fid": float, "kid": float, "kid_std": float,
              "fid_heldout": float, "kid_heldout": float, "kid_std_heldout": float,
@@ -113,6 +115,7 @@ from dipddpm.dip.seeds import sample_seed
 from dipddpm.evaluate import (classifier_dir, feature_stats, frechet_distance, kid, load_classifier,
                               memorisation_check, real_vs_real_floor,
                               split_features, to_uint8, train_stats)
+from dipddpm.evaluate.flops import dip_iteration_gflop, unet_forward_gflop
 from dipddpm.evaluate.inception import describe, floor_fid, inception_fid, load_inception
 from dipddpm.models.dip import SkipSpec
 from dipddpm.progress import bar
@@ -417,12 +420,16 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
     log(f"floors at N = {n}: FID {floor['fid_vs_train']:.2f} vs train, "
         f"{floor_ho['fid']:.2f} vs held-out ({len(ho_keys)} test images)")
     arms, skipped = [], []
+    unet_gflop = unet_forward_gflop(model)
+    dip_gflop = dip_iteration_gflop(SkipSpec.from_config(cfg.dip))
 
     def add(arm, x, *, source=None, sigma_t0=None, realised=None, t0=None, steps=None, nfe=0,
             dip_iters=0.0, reverse_s=0.0, dip_s=0.0, mem=None):
         row = {"arm": arm, "source": source, "sigma_t0": sigma_t0,
                "sigma_t0_realised": realised, "t0": t0, "steps": steps, "nfe": int(nfe),
-               "dip_iters": float(dip_iters), "seconds_per_sample": float(reverse_s + dip_s),
+               "dip_iters": float(dip_iters),
+               "gflop_per_sample": float(nfe * unet_gflop + dip_iters * dip_gflop),
+               "seconds_per_sample": float(reverse_s + dip_s),
                "reverse_seconds_per_sample": float(reverse_s)}
         feats = clf.features(x)
         for ref in refs:  # fid, kid, kid_std vs train; fid_heldout, ... vs the held-out reference
