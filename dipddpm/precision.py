@@ -56,7 +56,7 @@ def native_bf16(device_type: str = "cpu") -> bool:
 
 def resolve(precision: str, device) -> str:
     """'fp32', 'bf16' or 'fp16' for a configured precision ('no' is Accelerate's fp32)."""
-    if precision in ("no", "fp32"):
+    if precision in (None, "no", "fp32"):  # None: no launcher said otherwise (train.*)
         return "fp32"
     if precision == "auto":
         return "bf16" if native_bf16(torch.device(device).type) else "fp32"

@@ -160,7 +160,7 @@ def test_old_configs_and_fingerprints_are_unchanged():
     old = config_from_dict(tree)
     assert old == load_config(None)
     assert (old.train.mixed_precision, old.train.channels_last, old.train.optimizer_impl) == \
-        ("no", False, "default")
+        (None, False, "default")
     assert (old.dip.formulation, old.dip.precision) == ("grouped", "fp32")
 
     before = {k: v for k, v in tree["dip"].items() if k not in _NOT_IN_FINGERPRINT}

@@ -251,14 +251,15 @@ def test_ema_decay_warms_up_and_the_ema_follows():
 def test_fast_cpu_path_keeps_the_loss_curve_and_resumes(full_run, tiny_shards, tmp_path):
     """channels_last + fused AdamW (+ auto precision, fp32 where bf16 is not native) trains the
     plain run's model: same batches, losses within rounding, step by step; and a run stopped
-    on the plain path resumes on the fast one."""
+    on the plain layout and optimizer resumes on the fast ones (both are neutral keys; the
+    precision is a result key, so it is the same in both parts)."""
     from dipddpm.precision import native_bf16
 
-    fast = ["train.channels_last=true", "train.optimizer_impl=fused",
-            "train.mixed_precision=auto"]
+    auto = "train.mixed_precision=auto"
+    fast = ["train.channels_last=true", "train.optimizer_impl=fused"]
     run = tmp_path / "fast"
-    train(run, tiny_shards, *RUN, "train.max_steps=3")  # plain, stopped mid-run
-    train(run, tiny_shards, *RUN, "train.max_steps=10", *fast)
+    train(run, tiny_shards, *RUN, "train.max_steps=3", auto)  # plain, stopped mid-run
+    train(run, tiny_shards, *RUN, "train.max_steps=10", auto, *fast)
     plain, quick = losses(full_run), losses(run)
     assert [r[:2] for r in quick] == [r[:2] for r in plain]
     a, b = np.array([r[2] for r in plain]), np.array([r[2] for r in quick])
