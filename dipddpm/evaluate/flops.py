@@ -62,9 +62,10 @@ _DIP: dict = {}
 def unet_forward_gflop(model: torch.nn.Module, image=IMAGE) -> float:
     """GFLOP of one eps-model forward on one image (counted once per model object)."""
     if model not in _UNET:
-        p = next(model.parameters())
-        x = torch.zeros((1, *image), dtype=p.dtype, device=p.device)
-        t = torch.zeros(1, dtype=torch.long, device=p.device)
+        p = next(model.parameters(), None)  # a parameter-free model (an analytic one): CPU fp32
+        dtype, device = (torch.float32, "cpu") if p is None else (p.dtype, p.device)
+        x = torch.zeros((1, *image), dtype=dtype, device=device)
+        t = torch.zeros(1, dtype=torch.long, device=device)
         _UNET[model] = forward_flops(model, x, t) / 1e9
     return _UNET[model]
 
