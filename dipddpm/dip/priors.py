@@ -223,6 +223,22 @@ def precompute(cfg: Config, *, progress: bool = True) -> dict:
     return {"shards": entries, "manifest": manifest}
 
 
+def priors_for_keys(folder, keys, what: str) -> tuple[dict, np.ndarray, float]:
+    """(load_priors(folder), the row of each key, the fitting seconds per image its manifest
+    records); a key without a prior is one line naming `what` (the config key of the folder)."""
+    p = load_priors(folder)
+    index = {k: i for i, k in enumerate(p["key"])}
+    missing = [k for k in keys if k not in index]
+    if missing:
+        raise ConfigError(f"{what} = {str(folder)!r}: no prior for {len(missing)} of the "
+                          f"{len(keys)} images asked for (first: {missing[0]}); precompute "
+                          f"the shards that hold them")
+    shards = read_json(Path(folder) / MANIFEST)["shards"]
+    fitted = sum(e.get("fitted_images") or e["count"] for e in shards)
+    wall = sum(e.get("wall_s", 0.0) for e in shards)
+    return p, np.array([index[k] for k in keys]), wall / max(fitted, 1)
+
+
 def load_priors(path) -> dict:
     """A prior dir's samples by manifest order: keys, x0_hat, obs, mask and the json fields."""
     path = Path(path)

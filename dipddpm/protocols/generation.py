@@ -110,7 +110,7 @@ from dipddpm.data import load_split
 from dipddpm.diffusion import Diffusion, ddim_sample, ddim_timesteps, t_for_sigma
 from dipddpm.dip.degrade import degrade
 from dipddpm.dip.fit import FitSettings, NET_SEED, fit_by_key, make_net, net_input
-from dipddpm.dip.priors import load_priors
+from dipddpm.dip.priors import priors_for_keys
 from dipddpm.dip.seeds import sample_seed
 from dipddpm.evaluate import (classifier_dir, feature_stats, frechet_distance, kid, load_classifier,
                               memorisation_check, real_vs_real_floor,
@@ -203,17 +203,9 @@ def prior_estimates(folder: str, key: str, split: str, keys: list[str]):
     if manifest["settings"]["split"] != split:
         raise UserError(f"{key} = {folder!r}: priors of the {manifest['settings']['split']} "
                         f"split; this source needs priors of {split} images")
-    p = load_priors(folder)
-    index = {k: i for i, k in enumerate(p["key"])}
-    missing = [k for k in keys if k not in index]
-    if missing:
-        raise UserError(f"{key} = {folder!r}: no prior for {len(missing)} of the first "
-                        f"{len(keys)} {split} images (first: {missing[0]})")
-    rows = np.array([index[k] for k in keys])
-    fitted = sum(e.get("fitted_images") or e["count"] for e in manifest["shards"])
-    wall = sum(e.get("wall_s", 0.0) for e in manifest["shards"])
+    p, rows, seconds = priors_for_keys(folder, keys, key)
     return (torch.from_numpy(p["x0_hat"][rows]).float(), float(p["iters"][rows].mean()),
-            wall / max(fitted, 1), f"priors:{folder}")
+            seconds, f"priors:{folder}")
 
 
 def data_source(cfg: Config, name: str, device) -> Source:

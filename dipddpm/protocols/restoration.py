@@ -105,7 +105,7 @@ from dipddpm.data import load_split
 from dipddpm.diffusion import Diffusion, ddim_timesteps, noise_levels
 from dipddpm.dip.degrade import degrade
 from dipddpm.dip.fit import FitSettings, fit_by_key
-from dipddpm.dip.priors import load_priors
+from dipddpm.dip.priors import priors_for_keys
 from dipddpm.evaluate.flops import dip_iteration_gflop, unet_forward_gflop
 from dipddpm.evaluate.image_metrics import psnr, ssim
 from dipddpm.evaluate.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, best_at_cost,
@@ -280,22 +280,14 @@ def priors_for(cfg: Config, task: str, sigma: Optional[float], keys,
                       f"is {cfg.protocol.observation}")
     if s["dip"].get("stop", "budget") != "budget":
         return None, "priors stopped by ES-WMV: their cost is not known here"
-    p = load_priors(folder)
-    index = {k: i for i, k in enumerate(p["key"])}
-    missing = [k for k in keys if k not in index]
-    if missing:
-        raise UserError(f"protocol.priors_dir = {folder!r}: no prior for {len(missing)} of the "
-                        f"protocol's images (first: {missing[0]}); precompute all shards")
-    rows = np.array([index[k] for k in keys])
+    p, rows, seconds = priors_for_keys(folder, keys, "protocol.priors_dir")
     if not np.allclose(p["obs"][rows], y, atol=1e-6):
         raise UserError(f"protocol.priors_dir = {folder!r}: its observations differ from this "
                         f"run's (data or degradation settings changed); recompute the priors")
-    fitted = sum(e.get("fitted_images") or e["count"] for e in manifest["shards"])
-    wall = sum(e.get("wall_s", 0.0) for e in manifest["shards"])
     iters = p["iters"][rows].astype(float)
-    spi = wall / max(fitted, 1) / max(float(iters.mean()), 1.0)
+    spi = seconds / max(float(iters.mean()), 1.0)
     u = torch.from_numpy(p["x0_hat"][rows]).float()
-    return DipEstimate(u, iters, wall / max(fitted, 1), f"priors:{folder}", spi,
+    return DipEstimate(u, iters, seconds, f"priors:{folder}", spi,
                        {("budget", "ema"): Pick(u, iters, "ema")}), None
 
 
