@@ -1,6 +1,6 @@
 """Write FashionMNIST as webdataset shards + manifest.json.
 
-  python -m jobs.prepare_data --source ../shared/data/fashion-mnist --out data/fashion-mnist
+  python -m jobs.prepare_data --source /path/to/fashion-mnist-idx --out data/fashion-mnist
   python -m jobs.prepare_data --source torchvision --out data/fashion-mnist
 """
 from dipddpm.cli import exit_with, job_parser, parse_config
