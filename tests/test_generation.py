@@ -14,9 +14,9 @@ from dipddpm.cli import run_job
 from dipddpm.config import ConfigError, config_from_dict, load_config
 from dipddpm.diffusion import Diffusion, linear_betas, t_for_sigma
 from dipddpm.evaluate import classifier_dir, load_classifier, split_features, to_uint8
-from dipddpm.protocols.arms import to_diffusion
+from dipddpm.protocols.arms import start_at, to_diffusion
 from dipddpm.protocols.generation import (_memorisation, data_free_source, first_images,
-                                          generation, heldout_reference, start_t0)
+                                          generation, heldout_reference)
 from dipddpm.train.generate import load_trained
 from jobs.generate_eval import main as generate_main
 from jobs.report import main as report_main
@@ -68,7 +68,7 @@ def test_start_t0_gives_the_same_noise_level_at_any_T():
         realised = []
         for T in (250, 500, 1000):
             d = Diffusion(linear_betas(T))
-            t0, s = start_t0(d, sigma)
+            t0, s = start_at(d, sigma)
             assert t0 == t_for_sigma(d, sigma) + 1
             abar = float(d.abar[t0 - 1])
             assert s == pytest.approx(math.sqrt((1 - abar) / abar), rel=1e-12)
@@ -77,7 +77,7 @@ def test_start_t0_gives_the_same_noise_level_at_any_T():
         assert max(realised) / min(realised) < 1.05
         assert all(abs(s / sigma - 1) < 0.05 for s in realised)
     d = Diffusion(linear_betas(250))
-    assert start_t0(d, 1e6)[0] == 250  # past the schedule's end: the start is pure noise
+    assert start_at(d, 1e6)[0] == 250  # past the schedule's end: the start is pure noise
 
 
 def test_generation_job_rows_references_and_memorisation(world, job):
@@ -113,7 +113,7 @@ def test_generation_job_rows_references_and_memorisation(world, job):
         assert r["gflop_per_sample"] == pytest.approx(r["nfe"] * unet_g + r["dip_iters"] * dip_g)
         assert r["fid"] >= 0 and r["fid_heldout"] >= 0
         if r["sigma_t0"] is not None:  # the t0 used is the one the noise level maps to
-            assert (r["t0"], r["sigma_t0_realised"]) == pytest.approx(start_t0(d, r["sigma_t0"]))
+            assert (r["t0"], r["sigma_t0_realised"]) == pytest.approx(start_at(d, r["sigma_t0"]))
         mem = r["memorisation"]
         if r["source"] in ("train", "heldout"):  # beside every start from data
             assert 0 <= mem["source_match"] <= 1 and mem["source_distance_median"] >= 0
@@ -160,7 +160,7 @@ def test_clean_control_is_the_forward_diffused_image(world, tmp_path):
     _, diffusion, _ = load_trained(world["ddpm"], cfg, "cpu")
     res = generation(cfg, ZeroEps(), diffusion, torch.device("cpu"), world["clf"], tmp_path,
                      log=lambda *a: None)
-    t0, _ = start_t0(diffusion, 0.05)
+    t0, _ = start_at(diffusion, 0.05)
     t = torch.full((N,), t0 - 1, dtype=torch.long)
     for source, split in (("train", "train"), ("heldout", "test")):
         clean, _ = first_images(world["data"], split, N, "protocol.gen_num")

@@ -23,7 +23,7 @@ SDEdit), beside the baselines from pure noise at equal NFE:
 
 Noise levels, not indices. A start is given by sigma_t0 in [-1, 1] units
 (protocol.gen_sigma_t0s): the chain starts at the 1-indexed t0 whose noise-to-signal ratio
-s_t = sqrt((1 - abar_t) / abar_t) is closest (`dipddpm.diffusion.t_for_sigma`, t0 = index + 1),
+s_t = sqrt((1 - abar_t) / abar_t) is closest (`dipddpm.protocols.arms.start_at`, the one rule restoration uses too),
 so the same config means the same noise level at any T and schedule. Each row records the
 requested `sigma_t0`, the realised `sigma_t0_realised` (s at t0) and `t0`. A sigma that maps to
 t0 = T starts from pure noise (the estimate's weight is gone): that start is skipped and listed
@@ -95,7 +95,6 @@ each reference test image's distance to its nearest training image), for the rep
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +106,7 @@ import torch
 from dipddpm.artifacts import pyplot, save_grid, save_png
 from dipddpm.config import Config, ConfigError, UserError
 from dipddpm.data import load_split
-from dipddpm.diffusion import Diffusion, ddim_sample, ddim_timesteps, t_for_sigma
+from dipddpm.diffusion import Diffusion, ddim_sample, ddim_timesteps
 from dipddpm.dip.degrade import degrade
 from dipddpm.dip.fit import FitSettings, NET_SEED, fit_by_key, make_net, net_input
 from dipddpm.dip.priors import priors_for_keys
@@ -119,7 +118,7 @@ from dipddpm.evaluate.flops import dip_iteration_gflop, unet_forward_gflop
 from dipddpm.evaluate.inception import describe, floor_fid, inception_fid, load_inception
 from dipddpm.models.dip import SkipSpec
 from dipddpm.progress import bar
-from dipddpm.protocols.arms import CountingModel, ETA, to_diffusion
+from dipddpm.protocols.arms import CountingModel, ETA, start_at, to_diffusion
 from dipddpm.runs import (RESULTS_FILE, SAMPLES_DIR, atomic_path, atomic_write_json,
                           atomic_write_text, prepare_run_dir, read_json)
 from dipddpm.tracking import Tracker
@@ -132,14 +131,6 @@ DATA_FREE_TARGET = "data-free-target"  # the purpose the noise targets are seede
 
 
 # ----------------------------------------------------------------------------- starts
-
-
-def start_t0(diffusion: Diffusion, sigma: float) -> tuple[int, float]:
-    """(1-indexed t0, realised sigma) for a requested noise level sigma in [-1, 1] units: the t0
-    whose sqrt((1 - abar) / abar) is closest to sigma."""
-    t = t_for_sigma(diffusion, sigma)
-    abar = float(diffusion.abar[t])
-    return t + 1, math.sqrt((1.0 - abar) / abar)
 
 
 @dataclass
@@ -446,7 +437,7 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
     # the starts' noise levels, and the NFE each start chain will take
     starts = []
     for s in p.gen_sigma_t0s:
-        t0, realised = start_t0(diffusion, s)
+        t0, realised = start_at(diffusion, s)
         why = "t0 = T: a start from pure noise" if t0 >= T else \
             next((f"same t0 as sigma_t0 = {o[0]:g}" for o in starts if o[1] == t0), None)
         if why:
