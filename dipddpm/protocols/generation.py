@@ -22,12 +22,12 @@ SDEdit), beside the baselines from pure noise at equal NFE:
   Gaussian noise.
 
 Noise levels, not indices. A start is given by sigma_t0 in [-1, 1] units
-(protocol.gen_sigma_t0s): the chain starts at the 1-indexed t0 whose noise-to-signal ratio
-s_t = sqrt((1 - abar_t) / abar_t) is closest (`dipddpm.protocols.arms.start_at`, the rule
-restoration uses too), so the same config means the same noise level at any T and schedule.
-Each row records the requested `sigma_t0`, the realised `sigma_t0_realised` (s at t0) and
-`t0`. A sigma that maps to t0 = T starts from pure noise (the estimate's weight is gone): that start is skipped and listed
-in "skipped", as is a sigma mapping to the same t0 as an earlier one.
+(protocol.gen_sigma_t0s): the chain starts at the 1-indexed t0 whose noise-to-signal ratio s_t =
+sqrt((1 - abar_t) / abar_t) is closest (`dipddpm.protocols.arms.start_at`, the rule restoration
+uses too), so the same config means the same noise level at any T and schedule. Each row records
+the requested `sigma_t0`, the realised `sigma_t0_realised` (s at t0) and `t0`. A sigma that maps
+to t0 = T starts from pure noise (the estimate's weight is gone): that start is skipped and
+listed in "skipped", as is a sigma mapping to the same t0 as an earlier one.
 
 Baseline front. DDIM (eta 0) and DDPM (eta 1, the respaced ancestral chain; with K = T exactly
 ancestral DDPM) from pure noise with K steps, for every K in protocol.gen_ddim_steps and every
