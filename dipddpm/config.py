@@ -417,6 +417,9 @@ class ProtocolConfig:
     blur_sigma: float = 0.5  # cheap denoiser: Gaussian blur of y (px); 0.5 beat 0.6-1.0 at sigma 25
     inpaint_consistency: bool = True  # RePaint-style: re-impose the noised known pixels each step
     priors_dir: str = ""  # restoration DIP estimates from jobs.precompute_priors; empty -> fit here
+    # restoration: a folder where each batch of DIP fits is kept (dipddpm.dip.fit.fit_by_key):
+    # a rerun, or another run on the same images and DIP settings, reads them instead of fitting
+    dip_cache: str = neutral("")
     batch_size: int = 256  # images per reverse-chain batch
     # generation (dipddpm/protocols/generation.py)
     gen_num: int = 1000  # N samples per arm for FID/KID (every FID states N and its floors)
@@ -491,9 +494,18 @@ class StudyConfig:
     priors: list[str] = field(default_factory=list)
     sampling: list[str] = field(default_factory=list)
     restore: list[str] = field(default_factory=list)
+    # the restoration protocol at each of these weights of the main DDPM: "" is its last EMA
+    # weights, others a .pt path inside its run dir (e.g. weights/ema-img-000000060032.pt, the
+    # first epoch): does a DIP start help more when the diffusion prior is weaker? The stages
+    # share one DIP fit cache, so the DIP estimates are fitted once
+    restore_checkpoints: list[str] = field(default_factory=lambda: [""])
     generation: list[str] = field(default_factory=list)
 
     def check(self, fail):
+        if not self.restore_checkpoints or len(set(self.restore_checkpoints)) < len(
+                self.restore_checkpoints):
+            fail("restore_checkpoints", self.restore_checkpoints,
+                 "must be a non-empty list without repeats")
         bad = [s for s in self.stages if s not in STUDY_STAGES]
         if bad:
             fail("stages", self.stages, f"{bad[0]!r} is not one of {', '.join(STUDY_STAGES)}")

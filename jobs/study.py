@@ -14,8 +14,12 @@ def main(argv=None):
     parser = job_parser(__doc__.splitlines()[0], "configs/quickstart.yaml")
     parser.add_argument("--dry-run", action="store_true",
                         help="print every stage and its command line; run nothing")
+    parser.add_argument("--only", action="append", default=[], metavar="STAGE",
+                        help="run just this stage (repeatable; names as --dry-run prints them), "
+                             "e.g. in a second process beside a long one; no REPORT.md")
     cfg, args = parse_config(parser, argv)
-    return run_study(cfg, args.config, list(args.overrides), dry_run=args.dry_run)
+    return run_study(cfg, args.config, list(args.overrides), dry_run=args.dry_run,
+                     only=args.only)
 
 
 if __name__ == "__main__":

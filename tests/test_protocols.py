@@ -374,6 +374,46 @@ def test_restore_job_writes_results_table_figures_and_wandb(tiny_world, tmp_path
     assert "inpaint_box/noise_start_best_psnr_hole" in logged
 
 
+def test_restore_shares_dip_fits_through_the_cache_and_resumes_by_task(tiny_world, tmp_path,
+                                                                      monkeypatch):
+    import dipddpm.dip.fit as fit
+    from jobs.restore import main
+
+    cache = tmp_path / "dip-cache"
+    args = lambda d, *x: restore_args(tiny_world, d, "protocol.sigmas=[25]",  # noqa: E731
+                                      f"protocol.dip_cache={cache}", *x)
+    main(args(tmp_path / "a"))
+    a = json.loads((tmp_path / "a/results.json").read_text())
+    assert len(list(cache.glob("*.pt"))) == 2  # 2 tasks x one batch of 4 nets
+    curve = a["tasks"]["denoise-s25"]["dip_curve"]
+    assert curve["iters"] and len(curve["raw"]) == len(curve["ema_ci95"]) == len(curve["iters"])
+
+    calls = []
+    real = fit.fit_batch
+    monkeypatch.setattr(fit, "fit_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    main(args(tmp_path / "b"))  # another run on the same images and DIP settings: no refit
+    assert calls == []
+    b = json.loads((tmp_path / "b/results.json").read_text())
+    for name in a["tasks"]:
+        dip = lambda res: [(r["estimate"], r["output"], r["psnr_images"], r["dip_iters"])  # noqa
+                           for r in res["tasks"][name]["rows"] if r["arm"] == "dip"]
+        assert dip(a) == dip(b)
+        assert a["tasks"][name]["dip_seconds_per_iteration"] == \
+            b["tasks"][name]["dip_seconds_per_iteration"]  # the original fit's time
+    main(args(tmp_path / "c", "dip.lr=0.02"))  # other DIP settings: fitted anew
+    assert calls and len(list(cache.glob("*.pt"))) == 4
+
+    # a finished task is read back by a rerun into the same run dir
+    done = tmp_path / "a/tasks/denoise-s25.json"
+    task = json.loads(done.read_text())
+    task["answer"]["marker"] = 1
+    done.write_text(json.dumps(task))
+    (tmp_path / "a/results.json").unlink()
+    main(args(tmp_path / "a"))
+    again = json.loads((tmp_path / "a/results.json").read_text())
+    assert again["tasks"]["denoise-s25"]["answer"]["marker"] == 1
+
+
 def test_restore_job_uses_precomputed_priors(tiny_world, tmp_path):
     from dipddpm.dip.priors import load_priors, precompute
     from jobs.restore import main

@@ -26,10 +26,14 @@ numbers are those it would get alone: its randomness is a pure function of its s
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch.optim.adam import adam as adam_functional
 
@@ -38,6 +42,7 @@ from dipddpm.dip.seeds import hash_normal, hash_uniform, sample_seed
 from dipddpm.dip.stopping import EsWmv
 from dipddpm.models.dip import SkipNet, SkipSpec, grouped_forward, stack_params
 from dipddpm.precision import compute_dtype
+from dipddpm.runs import atomic_path
 
 BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as in the DIP author's code
 EPS = 1e-8
@@ -103,6 +108,7 @@ class FitResult:
     best_raw_iter: Optional[torch.Tensor] = None  # [B] the raw output's best iteration
     best_ema: Optional[torch.Tensor] = None  # [B, C, H, W] EMA at best_ema_iter
     best_ema_iter: Optional[torch.Tensor] = None  # [B]
+    seconds: float = 0.0  # wall time of the fit, on the machine that ran it
 
 
 def make_net(spec: SkipSpec, seed: int) -> SkipNet:
@@ -211,7 +217,7 @@ class _Monitor:
         self.ema = self.ema[keep]
         self.es.select(keep)
 
-    def result(self, backtracks: torch.Tensor) -> FitResult:
+    def result(self, backtracks: torch.Tensor, seconds: float) -> FitResult:
         cpu = lambda x: x.detach().cpu()  # noqa
         clean = self.clean is not None
         return FitResult(cpu(self.estimate), cpu(self.stop_iter), cpu(self.psnr_obs),
@@ -222,7 +228,8 @@ class _Monitor:
                          best_raw=cpu(self.best_raw) if clean else None,
                          best_raw_iter=cpu(self.best_raw_iter) if clean else None,
                          best_ema=cpu(self.best_ema) if clean else None,
-                         best_ema_iter=cpu(self.best_ema_iter) if clean else None)
+                         best_ema_iter=cpu(self.best_ema_iter) if clean else None,
+                         seconds=seconds)
 
 
 def _fused_available(device) -> bool:
@@ -245,6 +252,7 @@ def fit_single(y, mask, clean, seed: int, spec: SkipSpec, s: FitSettings, *,
                dtype=torch.float32, device="cpu",
                on_iter: Optional[Callable[[int], None]] = None) -> FitResult:
     """Fit one net (seed) to one observation y [1, C, H, W]; the reference for fit_batch."""
+    start = time.perf_counter()
     y, mask, clean = _prepare(y, mask, clean, dtype, device)
     net = make_net(spec, seed).to(device, dtype)
     z = net_input([seed], (spec.in_channels, *y.shape[2:]), s, dtype, device)
@@ -276,7 +284,7 @@ def fit_single(y, mask, clean, seed: int, spec: SkipSpec, s: FitSettings, *,
             on_iter(t)
         if bool(stop[0]):
             break
-    return mon.result(backtracks)
+    return mon.result(backtracks, time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------- B nets at once
@@ -365,6 +373,7 @@ def fit_batch(y, mask, clean, seeds: Sequence[int], spec: SkipSpec, s: FitSettin
               dtype=torch.float32, device="cpu",
               on_iter: Optional[Callable[[int], None]] = None) -> FitResult:
     """Fit len(seeds) independent nets to observations y [B, C, H, W] (mask, clean alike)."""
+    start = time.perf_counter()
     y, mask, clean = _prepare(y, mask, clean, dtype, device)
     b = len(seeds)
     if y.shape[0] != b:
@@ -421,23 +430,61 @@ def fit_batch(y, mask, clean, seeds: Sequence[int], spec: SkipSpec, s: FitSettin
             mon.select(keep)
             stack.select(keep)
             rows = {k: v[keep] for k, v in rows.items()}
-    return mon.result(backtracks)
+    return mon.result(backtracks, time.perf_counter() - start)
 
 
 NET_SEED = "dip-net"  # the purpose each image's net is seeded with (see seeds.sample_seed)
 
 
+CACHE_VERSION = 1  # raise when a change to the fit changes its results
+
+
+def batch_fingerprint(spec: SkipSpec, s: FitSettings, device, seeds, y, mask, clean) -> str:
+    """What a batch's fit depends on: the net, the settings, the compute dtype and device type,
+    the nets' seeds and the observations, masks and clean images (bytes)."""
+    h = hashlib.sha256(repr((CACHE_VERSION, spec, s, str(compute_dtype(s.precision, device)),
+                             torch.device(device).type, list(seeds))).encode())
+    for t in (y, mask, clean):
+        h.update(b"none" if t is None else
+                 np.ascontiguousarray(torch.as_tensor(t).float().cpu().numpy()).tobytes())
+    return h.hexdigest()[:32]
+
+
+def _load_cached(path: Path) -> Optional[FitResult]:
+    try:
+        return FitResult(**torch.load(path, map_location="cpu", weights_only=True))
+    except Exception:  # unreadable or from an older layout: fit again and overwrite it
+        return None
+
+
 def fit_by_key(y, mask, clean, keys: Sequence[str], spec: SkipSpec, s: FitSettings, *,
                run_seed: int, batch_size: int, device="cpu",
-               on_iter: Optional[Callable[[int, int], None]] = None):
+               on_iter: Optional[Callable[[int, int], None]] = None,
+               cache: Optional[str | Path] = None):
     """Fit one net per sample, `batch_size` nets at a time; yields (slice, FitResult).
 
     Each net is seeded from (run_seed, its sample key), so an image's result does not depend on
     the batching: the priors job, fit_dip and the protocols get the same fit for the same key.
-    on_iter(t, nets in the batch) is called after every iteration."""
+    on_iter(t, nets in the batch) is called after every iteration. With `cache` (a folder),
+    each batch's result is stored as `<fingerprint>.pt` and a batch with the same fingerprint
+    (`batch_fingerprint`) is read back instead of fitted, its `seconds` those of the original
+    fit: a killed job resumes after its last finished batch, and jobs that fit the same images
+    with the same settings (the restoration protocol at two checkpoints) fit them once."""
     for lo in range(0, len(keys), batch_size):
         hi = min(lo + batch_size, len(keys))
         seeds = [sample_seed(run_seed, k, NET_SEED) for k in keys[lo:hi]]
-        cb = None if on_iter is None else (lambda t, n=hi - lo: on_iter(t, n))
-        yield slice(lo, hi), fit_batch(y[lo:hi], None if mask is None else mask[lo:hi],
-                                       clean[lo:hi], seeds, spec, s, device=device, on_iter=cb)
+        parts = [None if t is None else t[lo:hi] for t in (y, mask, clean)]
+        path, r = None, None
+        if cache is not None:
+            path = Path(cache) / f"{batch_fingerprint(spec, s, device, seeds, *parts)}.pt"
+            r = _load_cached(path) if path.exists() else None
+        if r is None:
+            cb = None if on_iter is None else (lambda t, n=hi - lo: on_iter(t, n))
+            r = fit_batch(*parts, seeds, spec, s, device=device, on_iter=cb)
+            if path is not None:
+                with atomic_path(path) as tmp:
+                    torch.save({f.name: getattr(r, f.name) for f in fields(r)}, tmp)
+        elif on_iter is not None:
+            for t in range(int(r.iters_run.max())):
+                on_iter(t, hi - lo)
+        yield slice(lo, hi), r

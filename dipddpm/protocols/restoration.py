@@ -72,6 +72,8 @@ results.json:
        "dip_seconds_per_image": float,   # at dip.iters
        "errors": {"<start source>": {"estimated": float|null, "oracle": float}},
        "es_wmv": null | {"decided": int, "n": int, "pick_mean": float, "cost_mean": float},
+       "dip_curve": null | {"iters": [int], "raw": [dB], "ema": [dB], "raw_ci95": [[lo, hi]],
+                    "ema_ci95": [[lo, hi]]},   # mean PSNR vs DIP iterations (fitted here)
        "skipped": [str],            # starts dropped and why
        "front": [int],              # row indices of the baselines' Pareto front
        "answer": {...},             # see `answer`
@@ -181,6 +183,23 @@ class DipEstimate:
     picks: dict = field(default_factory=dict)
     es_decided: Optional[np.ndarray] = None  # [N] bool: ES-WMV decided within the fit
     es_pick: Optional[np.ndarray] = None  # [N] ES-WMV's picked iteration (0: none)
+    curve: Optional[dict] = None  # PSNR vs iterations within the budget (`dip_curve`)
+
+
+CURVE_POINTS = 16  # points of a task's `dip_curve` (every 25 iterations of a 400 budget)
+
+
+def dip_curve(raw: np.ndarray, ema: np.ndarray) -> dict:
+    """Mean PSNR of the raw output and of the EMA over the images, with bootstrap intervals,
+    at CURVE_POINTS evenly spaced iterations of the budget (curves [iters, N]; every net ran
+    the budget)."""
+    every = max(1, raw.shape[0] // CURVE_POINTS)
+    its = list(range(every, raw.shape[0] + 1, every))
+    out = {"iters": its}
+    for name, c in (("raw", raw), ("ema", ema)):
+        out[name] = [float(c[i - 1].mean()) for i in its]
+        out[f"{name}_ci95"] = [list(bootstrap_ci(c[i - 1])) for i in its]
+    return out
 
 
 # the pick each start estimate diffuses: ES-WMV's own (raw) output; the oracle's better one
@@ -198,12 +217,14 @@ def fit_dip(cfg: Config, clean, keys, y, mask, device, es_decide: bool = False) 
     settings = FitSettings.from_config(dip, stop="budget", es_decide=es_decide)
     parts: dict = {k: [] for k in ("budget", "es_raw", "es_ema", "best_raw", "best_ema",
                                    "es_cost", "es_iter", "decided", "raw_iter", "ema_iter",
-                                   "raw_psnr", "ema_psnr", "run")}
+                                   "raw_psnr", "ema_psnr", "run", "curve_raw", "curve_ema")}
     fits_bar = bar(len(keys) * dip.iters, "DIP fits", unit="img-it", unit_scale=True)
-    start = time.perf_counter()
+    seconds = 0.0
     for _, r in fit_by_key(y, mask, clean, keys, spec, settings, run_seed=cfg.run.seed,
                            batch_size=dip.batch_size, device=device,
-                           on_iter=lambda t, n: fits_bar.update(n)):
+                           on_iter=lambda t, n: fits_bar.update(n),
+                           cache=cfg.protocol.dip_cache or None):
+        seconds += r.seconds
         parts["budget"].append(r.estimate.float())
         parts["es_raw"].append(r.es_raw.float())
         parts["es_ema"].append(r.es_ema.float())
@@ -220,8 +241,10 @@ def fit_dip(cfg: Config, clean, keys, y, mask, device, es_decide: bool = False) 
             parts[f"{name}_iter"].append(it)
             parts[f"{name}_psnr"].append(curve.numpy()[it - 1, np.arange(len(it))])
         parts["run"].append(r.iters_run.numpy())
-    seconds = time.perf_counter() - start
+        parts["curve_raw"].append(r.psnr_raw.numpy()[:dip.iters])
+        parts["curve_ema"].append(r.psnr_est.numpy()[:dip.iters])
     fits_bar.close()
+    curves = [np.concatenate(parts.pop(k), axis=1) for k in ("curve_raw", "curve_ema")]
     cat = {k: (torch.cat(v) if isinstance(v[0], torch.Tensor) else np.concatenate(v))
            for k, v in parts.items()}
     # ES-WMV never filling its window has no pick: its "pick" is then the budget estimate
@@ -245,7 +268,7 @@ def fit_dip(cfg: Config, clean, keys, y, mask, device, es_decide: bool = False) 
                                      cat["ema_iter"].astype(float), "ema", True),
              ("oracle", "best"): Pick(best.clamp(0, 1), best_iter, "best", True)}
     return DipEstimate(picks[("budget", "ema")].u, budget_iters, spi * dip.iters, "fitted",
-                       spi, picks, cat["decided"], cat["es_iter"])
+                       spi, picks, cat["decided"], cat["es_iter"], dip_curve(*curves))
 
 
 def _priors_manifest(cfg: Config) -> Optional[dict]:
@@ -587,21 +610,30 @@ def run_task(cfg: Config, model, diffusion: Diffusion, clean_np, keys, task, sig
     result = {"task": task, "sigma": sigma, "sigma_obs": sigma_obs, "t_star": t_star,
               "primary": primary, "dip_source": dip.source,
               "dip_seconds_per_iteration": spi, "dip_seconds_per_image": dip.seconds_per_image,
-              "errors": errors, "es_wmv": es_info, "skipped": skipped, "front": front,
-              "rows": rows}
+              "errors": errors, "es_wmv": es_info, "dip_curve": dip.curve, "skipped": skipped,
+              "front": front, "rows": rows}
     result["answer"] = answer(result, g_unet, g_dip)
     return result
 
 
 def restoration(cfg: Config, model, diffusion: Diffusion, device, info: dict | None = None,
-                log=print, images=None) -> dict:
-    """Every task of the protocol on the same images; returns the results.json dict."""
+                log=print, images=None, done_dir: Optional[Path] = None) -> dict:
+    """Every task of the protocol on the same images; returns the results.json dict. With
+    done_dir, each finished task is kept there as <task>.json and a rerun (same run dir, so the
+    same config) reads it back instead of running the task again."""
     clean, keys = images if images is not None else load_images(cfg)
     tasks = {}
     todo = task_list(cfg)
     for task, sigma in bar(len(todo), "restoration tasks", iterable=todo, unit="task"):
-        tasks[task_name(task, sigma)] = run_task(cfg, model, diffusion, clean, keys, task, sigma,
-                                                 device, log)
+        name = task_name(task, sigma)
+        done = None if done_dir is None else done_dir / f"{name}.json"
+        if done is not None and done.exists():
+            tasks[name] = read_json(done)
+            log(f"{name}: finished before, read from {done}")
+            continue
+        tasks[name] = run_task(cfg, model, diffusion, clean, keys, task, sigma, device, log)
+        if done is not None:
+            atomic_write_json(done, tasks[name])
     dip_keys = ("iters", "scales", "channels_down", "channels_up", "channels_skip", "lr",
                 "reg_noise_std", "exp_weight", "backtrack_db", "es_window", "es_patience", "box",
                 "keep_fraction", "batch_size")
@@ -853,7 +885,8 @@ def run_restoration(cfg: Config, device=None) -> dict:
     _priors_manifest(cfg)
     run_dir = prepare_run_dir(cfg)
     with Tracker(run_dir, cfg, "restore") as tracker:
-        results = restoration(cfg, model, diffusion, device, info, images=images)
+        results = restoration(cfg, model, diffusion, device, info, images=images,
+                              done_dir=run_dir / "tasks")
         atomic_write_json(run_dir / RESULTS_FILE, results)
         atomic_write_text(run_dir / "table.md", table_markdown(results))
         for path in plots(results, run_dir):

@@ -11,6 +11,9 @@
       priors/                                DIP priors of training images (the generation DIP start)
       sampling/<variant>-T<T>/               T-step ancestral sampling of study.sampling_num images
       restore/  generation/                  the two protocols, on the DDPM trained at main_T
+      restore-<weights>/                     restoration at earlier weights of that DDPM
+                                             (study.restore_checkpoints)
+      dip-cache/                             the restoration's DIP fits, shared by its stages
       REPORT.md                              jobs.report over all of the above
 
 A stage's argv is `--config <the job's own config> <derived> <study.common> <study.<kind>>
@@ -141,7 +144,11 @@ def plan_study(cfg: Config, study_dir: Path) -> list[Stage]:
                      f"sample.num={st.sampling_num}", f"sample.batch_size={st.sampling_num}"])
     checkpoint = f"protocol.checkpoint={main_dir}"
     if "restore" in wanted:
-        add("restore", "restore", [checkpoint])
+        for weights in st.restore_checkpoints:
+            name = f"restore-{Path(weights).stem}" if weights else "restore"
+            add("restore", name, [f"protocol.dip_cache={study_dir / 'dip-cache'}",
+                                  f"protocol.checkpoint={main_dir / weights}" if weights
+                                  else checkpoint])
     if "generation" in wanted:
         own = [checkpoint] + ([f"protocol.gen_priors_dir={priors_dir}"] if priors_dir else [])
         add("generation", "generation", own)

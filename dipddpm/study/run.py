@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import submitit
 
@@ -143,10 +144,18 @@ def wait_for_tasks(desc: str, named_jobs: list, poll_s: float = WAVE_POLL_S) -> 
 
 
 def run_study(cfg: Config, config_path: str, overrides: list[str], *,
-              dry_run: bool = False) -> Path:
-    """Prepare the data, run every stage not yet done, write REPORT.md; return its path."""
+              dry_run: bool = False, only: Sequence[str] = ()) -> Path:
+    """Prepare the data, run every stage not yet done, write REPORT.md; return its path.
+    `only`: run just the stages of these names (no report)."""
     study_dir = Path(cfg.run.dir)
     stages = plan_study(cfg, study_dir)
+    if only:
+        names = [s.name for s in stages]
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise UserError(f"--only {unknown[0]}: no such stage in this study "
+                            f"({', '.join(names)})")
+        stages = [s for s in stages if s.name in only]
     print(f"study {study_dir}: {len(stages)} stage(s), executor {cfg.study.executor}\n"
           f"{describe(stages, argv=dry_run)}", flush=True)
     if dry_run:
@@ -158,6 +167,8 @@ def run_study(cfg: Config, config_path: str, overrides: list[str], *,
         _run_slurm(cfg, stages, study_dir)
     else:
         _run_inline(stages)
+    if only:
+        return study_dir / "REPORT.md"
     build_report(load_config(config_path, [*overrides, f"run.dir={study_dir / 'report'}"]),
                  study_dir)
     print(f"study done in {time.perf_counter() - start:.0f} s: {study_dir / 'REPORT.md'}")
