@@ -67,6 +67,31 @@ def test_bad_stage_override_names_the_stage(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: command line: study.stages")
 
 
+def test_cpu_study_restores_at_each_checkpoint_with_one_dip_cache(tmp_path):
+    cfg = load_config(str(REPO / "configs/cpu_study.yaml"), [f"run.dir={tmp_path}"])
+    by_name = {s.name: s.cfg for s in plan_study(cfg, tmp_path)}
+    main = tmp_path / "train/ddpm-main"
+    last, early = by_name["restore"], by_name["restore-ema-img-000000060032"]
+    assert last.protocol.checkpoint == str(main)
+    assert early.protocol.checkpoint == str(main / "weights/ema-img-000000060032.pt")
+    assert last.protocol.dip_cache == early.protocol.dip_cache == str(tmp_path / "dip-cache")
+    assert last.protocol.num_images == 256 and last.dip.es_patience == 1000
+    with pytest.raises(ConfigError, match="study.restore_checkpoints"):
+        load_config(str(REPO / "configs/cpu_study.yaml"), ["study.restore_checkpoints=[a, a]"])
+
+
+def test_only_runs_the_named_stage_and_refuses_an_unknown_one(micro_data, tmp_path):
+    study = tmp_path / "study"
+    args = [f"run.dir={study}", f"data.dir={micro_data}", "wandb.mode=disabled", *MICRO,
+            "study.stages=[fit_dip, classifier]"]
+    r = run_module("jobs.study", *args, "--only", "fit-dip")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
+        "error: --only fit-dip: no such stage in this study (fit_dip, classifier)"
+    r = run_module("jobs.study", *args, "--only", "fit_dip", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert set(_stage_files(study)) == {"fit_dip"} and not (study / "REPORT.md").exists()
+
+
 @pytest.fixture(scope="module")
 def micro_data(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("study"), 64, 16, 16)
