@@ -499,6 +499,12 @@ class StudyConfig:
     # first epoch): does a DIP start help more when the diffusion prior is weaker? The stages
     # share one DIP fit cache, so the DIP estimates are fitted once
     restore_checkpoints: list[str] = field(default_factory=lambda: [""])
+    # sustained GFLOP/s of one stage process, by kind of work, for the CPU-time estimate each
+    # stage gets before it runs (dipddpm/study/estimate.py); defaults: one core of the 2-core
+    # AVX2 CPU of BENCHMARKS.md at fp32
+    gflops_train: float = neutral(62.0)
+    gflops_forward: float = neutral(58.0)
+    gflops_dip: float = neutral(42.0)
     generation: list[str] = field(default_factory=list)
 
     def check(self, fail):
@@ -519,6 +525,9 @@ class StudyConfig:
             fail("dip_iters", self.dip_iters, "must all be >= 1")
         if self.sampling_num < 1:
             fail("sampling_num", self.sampling_num, "must be >= 1")
+        for key in ("gflops_train", "gflops_forward", "gflops_dip"):
+            if getattr(self, key) <= 0:
+                fail(key, getattr(self, key), "must be > 0 (GFLOP/s)")
 
 
 @dataclass

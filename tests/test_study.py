@@ -80,6 +80,43 @@ def test_cpu_study_restores_at_each_checkpoint_with_one_dip_cache(tmp_path):
         load_config(str(REPO / "configs/cpu_study.yaml"), ["study.restore_checkpoints=[a, a]"])
 
 
+def test_stage_estimates_count_the_work_of_each_stage(tmp_path):
+    from dipddpm.evaluate.flops import dip_iteration_gflop, unet_forward_gflop
+    from dipddpm.models.dip import SkipSpec
+    from dipddpm.models.unet import build_unet
+    from dipddpm.study.estimate import estimate
+
+    cfg = load_config(str(REPO / "configs/cpu_study.yaml"),
+                      [f"run.dir={tmp_path}", "study.gflops_train=10", "study.gflops_forward=20",
+                       "study.gflops_dip=5"])
+    stages = plan_study(cfg, tmp_path)
+    by_name = {s.name: s for s in stages}
+    unet = unet_forward_gflop(build_unet("unet-small"))
+    dip = dip_iteration_gflop(SkipSpec.from_config(by_name["restore"].cfg.dip))
+    costs = estimate(stages, cfg, done=lambda s: False)
+    train = costs["train/ddpm-main"]
+    assert train.gflop["train"] == pytest.approx(3 * unet * 20 * 60_000)
+    assert train.seconds == pytest.approx(train.gflop["train"] / 10
+                                          + train.gflop["forward"] / 20)
+    # restoration: 256 images x 3 tasks x (400 + patience 1000) DIP iterations, charged once
+    # for the two stages that share the cache; chains: 2 samplers x K = 5 + 20 per start
+    last, early = costs["restore"], costs["restore-ema-img-000000060032"]
+    assert last.gflop["dip"] == pytest.approx(256 * 3 * 1400 * dip) and "dip" not in early.gflop
+    starts = {"denoise": 2 + 2, "inpaint_box": 2}  # c = 1, 2 (e from y) + two sigma_t0s
+    nfe = sum(4 * starts[t] * 50 + 50 + (t == "denoise")
+              for t in ("denoise", "denoise", "inpaint_box"))
+    assert early.gflop["forward"] == pytest.approx(256 * nfe * unet)
+    # a training stage under way is charged what is left; a finished stage nothing
+    main = tmp_path / "train/ddpm-main"
+    main.mkdir(parents=True)
+    (main / "metrics.jsonl").write_text('{"step": 1, "images_seen": 300000}\n')
+    costs = estimate(stages, cfg, done=lambda s: s.name == "restore")
+    assert costs["train/ddpm-main"].gflop["train"] == pytest.approx(train.gflop["train"] * 0.75)
+    assert costs["train/ddpm-main"].note == "75% left"
+    assert costs["restore"].seconds == 0 and costs["restore"].note == "done"
+    assert "dip" not in costs["restore-ema-img-000000060032"].gflop  # the cache is full
+
+
 def test_only_runs_the_named_stage_and_refuses_an_unknown_one(micro_data, tmp_path):
     study = tmp_path / "study"
     args = [f"run.dir={study}", f"data.dir={micro_data}", "wandb.mode=disabled", *MICRO,

@@ -28,9 +28,11 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from dipddpm.config import Config, ConfigError, load_config
 from dipddpm.dip.priors import prior_dir
+from dipddpm.study.estimate import fmt_seconds
 
 VARIANTS = {"ddpm": [], "dip_in_training": ["train.noise=dip"]}
 # each stage kind: the job it runs, the config it starts from, its wave
@@ -155,11 +157,21 @@ def plan_study(cfg: Config, study_dir: Path) -> list[Stage]:
     return sorted(stages, key=lambda s: s.wave)  # stable: plan order within a wave
 
 
-def describe(stages: list[Stage], argv: bool = False) -> str:
+def describe(stages: list[Stage], argv: bool = False, costs: Optional[dict] = None) -> str:
+    """One line per stage (its CPU-time estimate when `costs` is given, see estimate.py), with
+    its command line when `argv`; then the total."""
     lines = []
     for s in stages:
-        lines.append(f"  wave {s.wave}  {s.name:<40} jobs.{s.job}")
+        line = f"  wave {s.wave}  {s.name:<40} jobs.{s.job:<18}"
+        if costs is not None:
+            c = costs[s.name]
+            line += "done" if c.note == "done" else \
+                f"~{fmt_seconds(c.seconds)}" + (f" ({c.note})" if c.note else "")
+        lines.append(line.rstrip())
         if argv:
             lines.append(f"      python -m jobs.{s.job} {shlex.join(s.argv)}")
+    if costs is not None:
+        total = sum(c.seconds for c in costs.values())
+        lines.append(f"  estimated CPU time left: ~{fmt_seconds(total)} at the study's rates "
+                     f"(study.gflops_*: one process each, stages one after another)")
     return "\n".join(lines)
-

@@ -31,6 +31,7 @@ from dipddpm.progress import bar
 from dipddpm.launch.task import RESUME, JobTask
 from dipddpm.report.study_report import build_report
 from dipddpm.runs import atomic_write_json, prepare_run_dir
+from dipddpm.study.estimate import estimate
 from dipddpm.study.plan import Stage, describe, plan_study
 
 STAGE_FILE = "stage.json"
@@ -156,8 +157,9 @@ def run_study(cfg: Config, config_path: str, overrides: list[str], *,
             raise UserError(f"--only {unknown[0]}: no such stage in this study "
                             f"({', '.join(names)})")
         stages = [s for s in stages if s.name in only]
+    costs = estimate(stages, cfg, is_done)
     print(f"study {study_dir}: {len(stages)} stage(s), executor {cfg.study.executor}\n"
-          f"{describe(stages, argv=dry_run)}", flush=True)
+          f"{describe(stages, argv=dry_run, costs=costs)}", flush=True)
     if dry_run:
         return study_dir / "REPORT.md"
     prepare_run_dir(cfg, reads=())  # each stage checks its own run dir
