@@ -417,7 +417,7 @@ class ProtocolConfig:
     blur_sigma: float = 0.5  # cheap denoiser: Gaussian blur of y (px); 0.5 beat 0.6-1.0 at sigma 25
     inpaint_consistency: bool = True  # RePaint-style: re-impose the noised known pixels each step
     priors_dir: str = ""  # restoration DIP estimates from jobs.precompute_priors; empty -> fit here
-    # restoration: a folder where each batch of DIP fits is kept (dipddpm.dip.fit.fit_by_key):
+    # both protocols: a folder where each batch of DIP fits is kept (dipddpm.dip.fit.fit_by_key):
     # a rerun, or another run on the same images and DIP settings, reads them instead of fitting
     dip_cache: str = neutral("")
     batch_size: int = 256  # images per reverse-chain batch

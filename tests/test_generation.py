@@ -196,6 +196,20 @@ def test_data_free_source_needs_no_image(tmp_path):
     assert not torch.equal(untrained.estimate[0], untrained.estimate[1])  # one net per key
 
 
+def test_fitted_estimates_are_kept_in_the_dip_cache(world, tmp_path, monkeypatch):
+    import dipddpm.dip.fit as fit
+    from dipddpm.protocols.generation import fit_estimates
+
+    cfg = load_config(None, [*world["base"], *TINY_DIP, f"protocol.dip_cache={tmp_path}"])
+    clean, keys = first_images(world["data"], "test", N, "protocol.gen_num")
+    first = fit_estimates(cfg, clean, keys, "cpu")
+    assert len(list(tmp_path.glob("*.pt"))) == 2  # batches of 4 and 2 nets
+    monkeypatch.setattr(fit, "fit_batch", None)  # a rerun must not fit
+    again = fit_estimates(cfg, clean, keys, "cpu")
+    torch.testing.assert_close(first[0], again[0], rtol=0, atol=0)
+    assert first[1:] == again[1:]  # iterations and the original fit's seconds per image
+
+
 def test_memorisation_detects_copies_of_the_source(world):
     from dipddpm.data import load_split
 

@@ -13,7 +13,7 @@
       restore/  generation/                  the two protocols, on the DDPM trained at main_T
       restore-<weights>/                     restoration at earlier weights of that DDPM
                                              (study.restore_checkpoints)
-      dip-cache/                             the restoration's DIP fits, shared by its stages
+      dip-cache/                             the protocols' DIP fits (resumable, shared)
       REPORT.md                              jobs.report over all of the above
 
 A stage's argv is `--config <the job's own config> <derived> <study.common> <study.<kind>>
@@ -152,7 +152,8 @@ def plan_study(cfg: Config, study_dir: Path) -> list[Stage]:
                                   f"protocol.checkpoint={main_dir / weights}" if weights
                                   else checkpoint])
     if "generation" in wanted:
-        own = [checkpoint] + ([f"protocol.gen_priors_dir={priors_dir}"] if priors_dir else [])
+        own = [checkpoint, f"protocol.dip_cache={study_dir / 'dip-cache'}"] + (
+            [f"protocol.gen_priors_dir={priors_dir}"] if priors_dir else [])
         add("generation", "generation", own)
     return sorted(stages, key=lambda s: s.wave)  # stable: plan order within a wave
 
