@@ -420,6 +420,10 @@ class ProtocolConfig:
     # both protocols: a folder where each batch of DIP fits is kept (dipddpm.dip.fit.fit_by_key):
     # a rerun, or another run on the same images and DIP settings, reads them instead of fitting
     dip_cache: str = neutral("")
+    # FID vs training (dipddpm/protocols/fid_curve.py): the run's kept weights snapshots
+    curve_num_images: int = 1000  # samples per snapshot (the floor is taken at the same N)
+    curve_steps: int = 50  # DDIM steps per sample
+    curve_every: int = 1  # every k-th snapshot (and always the last)
     batch_size: int = 256  # images per reverse-chain batch
     # generation (dipddpm/protocols/generation.py)
     gen_num: int = 1000  # N samples per arm for FID/KID (every FID states N and its floors)
@@ -437,7 +441,8 @@ class ProtocolConfig:
     gen_heldout_priors_dir: str = ""  # priors of TEST images; empty -> fit gen_num of them here
 
     def check(self, fail):
-        for key in ("num_images", "batch_size", "gen_num", "gen_steps"):
+        for key in ("num_images", "batch_size", "gen_num", "gen_steps", "curve_num_images",
+                    "curve_steps", "curve_every"):
             if getattr(self, key) < 1:
                 fail(key, getattr(self, key), "must be >= 1")
         if not self.tasks or any(t not in TASKS for t in self.tasks):
@@ -470,7 +475,7 @@ class ProtocolConfig:
 
 
 STUDY_STAGES = ("train", "train_main", "ablation_dip_iters", "ablation_epochs", "fit_dip", "classifier",
-                "priors", "sampling", "restore", "generation")
+                "priors", "sampling", "fid_curve", "restore", "generation")
 
 
 @dataclass
@@ -490,6 +495,7 @@ class StudyConfig:
     # instead of train/ddpm-T<main_T>; its own overrides (study.train does not apply to it)
     main_train: list[str] = field(default_factory=list)
     fit_dip: list[str] = field(default_factory=list)
+    fid_curve: list[str] = field(default_factory=list)
     classifier: list[str] = field(default_factory=list)
     priors: list[str] = field(default_factory=list)
     sampling: list[str] = field(default_factory=list)

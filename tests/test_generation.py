@@ -210,6 +210,46 @@ def test_fitted_estimates_are_kept_in_the_dip_cache(world, tmp_path, monkeypatch
     assert first[1:] == again[1:]  # iterations and the original fit's seconds per image
 
 
+def test_fid_curve_over_a_runs_snapshots_resumes_and_finds_the_plateau(world, tmp_path,
+                                                                       monkeypatch):
+    import shutil
+
+    import dipddpm.protocols.fid_curve as fc
+    from dipddpm.config import UserError
+    from jobs.fid_curve import main as curve_main
+
+    run = tmp_path / "train"
+    shutil.copytree(world["ddpm"], run)
+    payload = torch.load(run / "ema.pt", weights_only=True)
+    for i, images in enumerate((16, 32, 48)):
+        noisy = {k: v + 0.05 * i * torch.randn_like(v) if v.is_floating_point() else v
+                 for k, v in payload["ema"]["model"].items()}
+        (run / "weights").mkdir(exist_ok=True)
+        torch.save({"ema": {"model": noisy}, "step": images // 8, "images_seen": images},
+                   run / f"weights/ema-img-{images:012d}.pt")
+    args = ["--config", "configs/generation.yaml", f"protocol.checkpoint={run}",
+            "protocol.curve_num_images=6", "protocol.curve_steps=2", "protocol.batch_size=4",
+            "protocol.curve_every=2", "wandb.mode=disabled", *world["base"]]
+    out = tmp_path / "curve"
+    res = curve_main([*args, f"run.dir={out}"])
+    assert [q["images_seen"] for q in res["points"]] == [32, 48]  # every 2nd, and the last
+    assert [q["epoch"] for q in res["points"]] == [2.0, 3.0]  # 16 training images
+    assert res["n"] == 6 and res["floor"]["n"] == 6 and all(q["nfe"] == 2 for q in res["points"])
+    best = min(q["fid"] for q in res["points"])
+    assert res["plateau"]["fid"] <= 1.1 * best
+    assert (out / "fid_vs_epochs.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / res["points"][0]["grid"]).is_file()
+    monkeypatch.setattr(fc, "draw", None)  # a rerun reads the finished snapshots back
+    assert curve_main([*args, f"run.dir={out}"])["points"] == res["points"]
+    report_main([str(tmp_path), "wandb.mode=disabled"])
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "FID vs training" in report and "Plateau (first snapshot" in report
+    assert "](curve/fid_vs_epochs.png)" in report
+    with pytest.raises(UserError, match="no weights/ema-img-"):
+        curve_main([*args, f"run.dir={tmp_path / 'x'}", f"protocol.checkpoint={world['ddpm']}"])
+    assert not (tmp_path / "x").exists()
+
+
 def test_memorisation_detects_copies_of_the_source(world):
     from dipddpm.data import load_split
 

@@ -6,6 +6,7 @@ A run dir is a folder with config.yaml. What it is comes from its results.json:
   restoration  {"protocol": "restoration", "tasks": {...}}  (dipddpm/protocols/restoration.py)
   generation   {"protocol": "generation", "arms": [...]}    (dipddpm/protocols/generation.py)
   classifier   {"classifier": {...}, "floors": [...]}       (jobs/train_classifier.py)
+  fid_curve    {"protocol": "fid_curve", "points": [...]}   (dipddpm/protocols/fid_curve.py)
 and any run dir's samples/<tag>.json written by jobs.sample is a sampling-time measurement,
 matched to the training run whose weights it used. Run dirs whose results are unreadable or
 incomplete are listed in `skipped` with the reason, so the report can say what it left out.
@@ -26,7 +27,7 @@ from dipddpm.runs import CHECKPOINTS_DIR, CONFIG_FILE, RESULTS_FILE, SAMPLES_DIR
 TRAIN_KEYS = ("variant", "model", "params", "T", "epochs", "steps", "images_seen",
               "train_seconds", "final_loss", "dip_iters", "world_size")
 SAMPLE_KEYS = ("sampler", "t0", "num", "nfe_per_sample", "seconds")
-KINDS = ("train", "fit_dip", "restoration", "generation", "classifier")
+KINDS = ("train", "fit_dip", "restoration", "generation", "classifier", "fid_curve")
 # W&B keeps its own files (and never a config.yaml of ours) here: no need to walk them
 _NOT_RUNS = {"wandb", "checkpoints", "batches", "__pycache__"}
 
@@ -94,6 +95,9 @@ def classify(results) -> tuple[Optional[str], Optional[str]]:
     if results.get("protocol") == "generation":
         return ("generation", None) if isinstance(results.get("arms"), list) \
             else (None, "generation results without arms")
+    if results.get("protocol") == "fid_curve":
+        return ("fid_curve", None) if isinstance(results.get("points"), list) \
+            else (None, "fid_curve results without points")
     if "classifier" in results and "floors" in results:
         return "classifier", None
     if "sigma" in results and "num_images" in results:

@@ -161,6 +161,29 @@ def classifier_tables(runs: Runs) -> list[Table]:
     return out
 
 
+def fid_curve_tables(runs: Runs) -> list[Table]:
+    out = []
+    for run in runs["fid_curve"]:
+        r = run.results
+        t = Table(f"fid_curve/{run.name}", f"FID vs training (`{rel(run.path, runs.root)}`)")
+        floor = r["floor"]["fid_vs_train"]
+        t.intro = [f"DDIM {r['steps']} steps from noise, N = {r['n']} samples per snapshot, "
+                   f"classifier FID against the train statistics; real vs real at the same N: "
+                   f"{fmt(floor)}."]
+        t.columns = ["epochs", "images", "FID", "KID", "s/sample"]
+        for q in r["points"]:
+            t.rows.append([f"{q['epoch']:.2f}", f"{q['images_seen']:,}", fmt(q["fid"]),
+                           fmt(q["kid"], 4), fmt(q["seconds_per_sample"], 3)])
+        if r.get("plateau"):
+            pl = r["plateau"]
+            t.notes = [f"Plateau ({pl['rule']}): epoch {pl['epoch']:.2f}, FID {fmt(pl['fid'])}."]
+        plot = run.path / "fid_vs_epochs.png"
+        if plot.is_file():
+            t.plots.append(("FID vs epochs", plot))
+        out.append(t)
+    return out
+
+
 # ----------------------------------------------------------------------------- findings
 
 def findings(runs: Runs) -> list[str]:
@@ -382,7 +405,8 @@ def build_report(cfg: Config, runs_dir) -> dict:
     # RUNS_DIR leaves nothing behind
     prepare_run_dir(cfg, reads=())  # the report is rebuilt from the runs every time
     study = study_tables(runs)
-    protocols = restoration_tables(runs) + generation_tables(runs) + classifier_tables(runs)
+    protocols = (restoration_tables(runs) + generation_tables(runs) + fid_curve_tables(runs)
+                 + classifier_tables(runs))
     made, linked = make_plots(runs, out_dir)
     beside = attach_plots(runs, study + protocols, out_dir)  # shown below their tables
     found = findings(runs)

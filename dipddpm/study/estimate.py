@@ -165,6 +165,14 @@ def estimate(stages, cfg: Config, done) -> dict[str, Cost]:
                     * dip_iteration_gflop(SkipSpec.from_config(c.dip))}
         elif s.job == "restore":
             work = _restore(c, unet, fitted_caches)
+        elif s.job == "fid_curve":
+            owner = _weights_owner(c.protocol.checkpoint, by_dir)
+            t = (owner or c).train
+            kept = _train_images(owner) // t.weights_every_images if owner and \
+                t.weights_every_images else 1
+            n_snap = -(-kept // c.protocol.curve_every)
+            work = {"forward": n_snap * c.protocol.curve_num_images * c.protocol.curve_steps
+                    * unet}
         elif s.job == "generate_eval":
             work = _generation(c, unet, trained.diffusion.T)
         else:

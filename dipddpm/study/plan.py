@@ -10,6 +10,7 @@
       classifier/                            the FID/KID feature net and its real-vs-real floors
       priors/                                DIP priors of training images (the generation DIP start)
       sampling/<variant>-T<T>/               T-step ancestral sampling of study.sampling_num images
+      fid_curve/                             FID of the protocols' DDPM at its kept snapshots
       restore/  generation/                  the two protocols, on the DDPM trained at main_T
       restore-<weights>/                     restoration at earlier weights of that DDPM
                                              (study.restore_checkpoints)
@@ -45,6 +46,7 @@ KINDS = {
     "classifier": ("train_classifier", "configs/classifier.yaml", 0),
     "priors": ("precompute_priors", "configs/priors.yaml", 0),
     "sampling": ("sample", "configs/ddpm.yaml", 1),
+    "fid_curve": ("fid_curve", "configs/generation.yaml", 1),
     "restore": ("restore", "configs/restore.yaml", 1),
     "generation": ("generate_eval", "configs/generation.yaml", 1),
 }
@@ -145,6 +147,8 @@ def plan_study(cfg: Config, study_dir: Path) -> list[Stage]:
                     [f"sample.checkpoint={train_dir(variant, T)}", "sample.sampler=ddpm",
                      f"sample.num={st.sampling_num}", f"sample.batch_size={st.sampling_num}"])
     checkpoint = f"protocol.checkpoint={main_dir}"
+    if "fid_curve" in wanted:
+        add("fid_curve", "fid_curve", [checkpoint])
     if "restore" in wanted:
         for weights in st.restore_checkpoints:
             name = f"restore-{Path(weights).stem}" if weights else "restore"
