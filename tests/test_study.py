@@ -75,7 +75,7 @@ def test_cpu_study_restores_at_each_checkpoint_with_one_dip_cache(tmp_path):
     assert last.protocol.checkpoint == str(main)
     assert early.protocol.checkpoint == str(main / "weights/ema-img-000000060032.pt")
     assert last.protocol.dip_cache == early.protocol.dip_cache == str(tmp_path / "dip-cache")
-    assert last.protocol.num_images == 256 and last.dip.es_patience == 1000
+    assert last.protocol.num_images == 256 and last.dip.es_patience == 200
     with pytest.raises(ConfigError, match="study.restore_checkpoints"):
         load_config(str(REPO / "configs/cpu_study.yaml"), ["study.restore_checkpoints=[a, a]"])
 
@@ -98,10 +98,10 @@ def test_stage_estimates_count_the_work_of_each_stage(tmp_path):
     assert train.gflop["train"] == pytest.approx(3 * unet * 20 * 60_000)
     assert train.seconds == pytest.approx(train.gflop["train"] / 10
                                           + train.gflop["forward"] / 20)
-    # restoration: 256 images x 3 tasks x (400 + patience 1000) DIP iterations, charged once
+    # restoration: 256 images x 3 tasks x (400 + patience 200) DIP iterations, charged once
     # for the two stages that share the cache; chains: 2 samplers x K = 5 + 20 per start
     last, early = costs["restore"], costs["restore-ema-img-000000060032"]
-    assert last.gflop["dip"] == pytest.approx(256 * 3 * 1400 * dip) and "dip" not in early.gflop
+    assert last.gflop["dip"] == pytest.approx(256 * 3 * 600 * dip) and "dip" not in early.gflop
     starts = {"denoise": 2 + 2, "inpaint_box": 2}  # c = 1, 2 (e from y) + two sigma_t0s
     nfe = sum(4 * starts[t] * 50 + 50 + (t == "denoise")
               for t in ("denoise", "denoise", "inpaint_box"))
