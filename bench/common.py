@@ -1,15 +1,15 @@
 """What every benchmark shares: a timer that syncs the device, the machine's name, the table."""
 from __future__ import annotations
 
-import platform
 import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
+
+from dipddpm.runs import cpu_model
 
 
 def sync(device) -> None:
@@ -64,15 +64,7 @@ def side_by_side(fns: dict, *, warmup: int, reps: int, device) -> dict:
 def device_name(device) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
-    model = platform.processor() or platform.machine()
-    try:  # platform.processor() is often empty or just the arch on Linux
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {model}, {torch.get_num_threads()} torch thread(s)"
+    return f"CPU {cpu_model()}, {torch.get_num_threads()} torch thread(s)"
 
 
 def short_device(device) -> str:

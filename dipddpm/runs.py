@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import tempfile
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ RESULTS_FILE = "results.json"
 SAMPLES_DIR = "samples"
 CHECKPOINTS_DIR = "checkpoints"
 CONFIG_CHANGES_FILE = "config_changes.jsonl"  # one line per rerun that changed allowed keys
+STAGE_FILE = "stage.json"  # a study stage's record, written when its job finished
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: os.umask can only be read by setting it
 
@@ -160,3 +162,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description() -> str:
+    """One line for a record of where a run ran: CPU model, cores, OS, torch and any GPU."""
+    import torch  # here, not at the top, as in seed_everything
+
+    gpu = (f", GPU {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
+           if torch.cuda.is_available() else ", no GPU")
+    return (f"CPU {cpu_model()}, {os.cpu_count()} cores{gpu}; {platform.system()} "
+            f"{platform.release()}; Python {platform.python_version()}, torch {torch.__version__}")

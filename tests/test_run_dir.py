@@ -140,7 +140,8 @@ def test_neutral_declarations_drive_the_study_the_priors_and_the_report(tmp_path
     from dipddpm.report.discover import Run
     from dipddpm.report.tables import setting
     from dipddpm.study.plan import Stage
-    from dipddpm.study.run import STAGE_FILE, is_done
+    from dipddpm.runs import STAGE_FILE
+    from dipddpm.study.run import is_done
 
     for key in ("run.resume", "wandb.mode", "launch.mem_gb", "train.log_every_images",
                 "train.compile", "dip.batch_size", "data.source"):

@@ -161,6 +161,30 @@ def test_micro_study_inline_writes_the_report_and_a_rerun_skips_everything(micro
             assert (study / re.search(r"\]\((report/[^)]+)\)", table).group(1)).is_file()
     assert re.search(r"\]\(report/kid-[^)]+\.png\)", report)
     assert re.search(r"\]\(report/memorisation-[^)]+\.png\)", report)
+    # the finished stages exported for a repository: no weights, no paths of this machine, and
+    # RESULTS.md rebuilt byte for byte by jobs.report
+    out = tmp_path / "results" / "micro"
+    r = run_module("jobs.study", *args, "--export", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    export = json.loads((out / "export.json").read_text())
+    assert set(export["stages"]) == set(stages) and all(
+        st["done"] and st["seconds"] > 0 and (st["estimate_seconds"] > 0 or name == "classifier")
+        for name, st in export["stages"].items())  # the classifier's few seconds are not counted
+    assert export["stages"]["train/ddpm-T20"]["seconds_are"] == "training loop, all resumes"
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert not [f for f in files if f.suffix in (".pt", ".npz") or "wandb" in f.parts]
+    for f in files:
+        if f.suffix in (".json", ".jsonl", ".yaml", ".md"):
+            text = f.read_text()
+            assert str(study) not in text and str(micro_data) not in text \
+                and str(REPO) not in text, f
+    assert (out / "restore/results.json").is_file() and list(out.glob("train/*/samples/*.png"))
+    results = (out / "RESULTS.md").read_text()
+    assert "## Stages" in results and "| restore | restore |" in results
+    (out / "RESULTS.md").unlink()
+    r = run_module("jobs.report", str(out), "wandb.mode=disabled", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "RESULTS.md").read_text() == results
     # everything is done: a rerun only writes the report again
     r = run_module("jobs.study", *args, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -74,6 +74,9 @@ results.json:
        "es_wmv": null | {"decided": int, "n": int, "pick_mean": float, "cost_mean": float},
        "dip_curve": null | {"iters": [int], "raw": [dB], "ema": [dB], "raw_ci95": [[lo, hi]],
                     "ema_ci95": [[lo, hi]]},   # mean PSNR vs DIP iterations (fitted here)
+       "seconds": {"dip_fits": s, "rest": s},  # wall time of the task: its DIP fits (the
+                                       # original fits' when read from protocol.dip_cache or
+                                       # priors) and the chains and scoring after them
        "skipped": [str],            # starts dropped and why
        "front": [int],              # row indices of the baselines' Pareto front
        "answer": {...},             # see `answer`
@@ -184,6 +187,7 @@ class DipEstimate:
     es_decided: Optional[np.ndarray] = None  # [N] bool: ES-WMV decided within the fit
     es_pick: Optional[np.ndarray] = None  # [N] ES-WMV's picked iteration (0: none)
     curve: Optional[dict] = None  # PSNR vs iterations within the budget (`dip_curve`)
+    fit_seconds: float = 0.0  # wall time of all the fits (the original fits' when cached)
 
 
 CURVE_POINTS = 16  # points of a task's `dip_curve` (every 25 iterations of a 400 budget)
@@ -268,7 +272,7 @@ def fit_dip(cfg: Config, clean, keys, y, mask, device, es_decide: bool = False) 
                                      cat["ema_iter"].astype(float), "ema", True),
              ("oracle", "best"): Pick(best.clamp(0, 1), best_iter, "best", True)}
     return DipEstimate(picks[("budget", "ema")].u, budget_iters, spi * dip.iters, "fitted",
-                       spi, picks, cat["decided"], cat["es_iter"], dip_curve(*curves))
+                       spi, picks, cat["decided"], cat["es_iter"], dip_curve(*curves), seconds)
 
 
 def _priors_manifest(cfg: Config) -> Optional[dict]:
@@ -311,7 +315,8 @@ def priors_for(cfg: Config, task: str, sigma: Optional[float], keys,
     spi = seconds / max(float(iters.mean()), 1.0)
     u = torch.from_numpy(p["x0_hat"][rows]).float()
     return DipEstimate(u, iters, seconds, f"priors:{folder}", spi,
-                       {("budget", "ema"): Pick(u, iters, "ema")}), None
+                       {("budget", "ema"): Pick(u, iters, "ema")},
+                       fit_seconds=seconds * len(keys)), None
 
 
 # ----------------------------------------------------------------------------- rows
@@ -522,6 +527,7 @@ def run_task(cfg: Config, model, diffusion: Diffusion, clean_np, keys, task, sig
         dip = fit_dip(cfg, clean_np, keys, y_np, mask_np, device, es_decide=True)
     log(f"{task_name(task, sigma)}: DIP estimates {dip.source}, "
         f"{dip.seconds_per_iteration * 1e3:.2f} ms per image-iteration")
+    t_rest = time.perf_counter()
     g_unet, g_dip = unet_forward_gflop(model), dip_iteration_gflop(SkipSpec.from_config(cfg.dip))
     start = time.perf_counter()
     cheap = cheap_estimate(y, mask, p.blur_sigma)
@@ -611,7 +617,9 @@ def run_task(cfg: Config, model, diffusion: Diffusion, clean_np, keys, task, sig
               "primary": primary, "dip_source": dip.source,
               "dip_seconds_per_iteration": spi, "dip_seconds_per_image": dip.seconds_per_image,
               "errors": errors, "es_wmv": es_info, "dip_curve": dip.curve, "skipped": skipped,
-              "front": front, "rows": rows}
+              "front": front, "rows": rows,
+              # the task's compute: its DIP fits (whenever they ran) and everything after them
+              "seconds": {"dip_fits": dip.fit_seconds, "rest": time.perf_counter() - t_rest}}
     result["answer"] = answer(result, g_unet, g_dip)
     return result
 

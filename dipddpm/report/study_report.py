@@ -26,13 +26,17 @@ from dipddpm.report.discover import Runs, discover
 from dipddpm.report.plots import fid_vs_nfe_plot, loss_curves_plot
 from dipddpm.report.series import report_series
 from dipddpm.report.table_plots import attach_plots
-from dipddpm.report.tables import (VARIANTS, Table, best_fit, fmt_loss, main_T, rel,
+from dipddpm.report.tables import (VARIANTS, Table, best_fit, fmt_loss, main_T, minutes, rel,
                                    study_tables)
 from dipddpm.runs import (METRICS_FILE, SAMPLES_DIR, atomic_path, atomic_write_text,
-                          prepare_run_dir, read_jsonl)
+                          prepare_run_dir, read_json, read_jsonl)
 from dipddpm.tracking import Tracker
 
 REPORT_FILE = "REPORT.md"
+# a study's results exported for a repository (jobs.study --export) carry export.json; their
+# report is RESULTS.md and opens with the stages' estimated and real wall times
+EXPORT_FILE = "export.json"
+RESULTS_REPORT_FILE = "RESULTS.md"
 
 
 # ----------------------------------------------------------------------------- protocol tables
@@ -366,10 +370,26 @@ def plot_markdown(plots: list, root: Optional[Path]) -> list[str]:
             for title, path in plots]
 
 
+def stage_lines(export: dict) -> list[str]:
+    """The exported study's stages: estimate before the run, wall time, and what it counts."""
+    lines = ["## Stages", "", f"Study `{export['study']}`, run on: {export['machine']}.", "",
+             "| stage | job | estimate | wall time | ratio | wall time is |", "|---|---|---|---|---|---|"]
+    for name, st in export["stages"].items():
+        est = st["estimate_seconds"]
+        if st["done"]:
+            wall = st["seconds"]
+            ratio = fmt(wall / est) if est else DASH
+            lines.append(f"| {name} | {st['job']} | {minutes(est)} | {minutes(wall)} | {ratio} "
+                         f"| {st['seconds_are']} |")
+        else:
+            lines.append(f"| {name} | {st['job']} | {minutes(est)} | not finished | {DASH} | |")
+    return lines + [""]
+
+
 def report_markdown(runs: Runs, study: list, protocols: list, found: list, images: list,
-                    root: Path) -> str:
+                    root: Path, export: Optional[dict] = None) -> str:
     counts = ", ".join(f"{len(v)} {k}" for k, v in runs.by_kind.items() if v)
-    lines = ["# dipddpm report", "",
+    lines = ["# dipddpm results" if export else "# dipddpm report", "",
              f"Built from {runs.run_dirs} run dirs under this folder ({counts or 'none usable'}"
              f"; {len(runs.sampling)} sampling measurements), never from W&B.", "",
              "## The answer: does a DIP start pay off?", ""] + answer_lines(runs) + [
@@ -378,8 +398,9 @@ def report_markdown(runs: Runs, study: list, protocols: list, found: list, image
               "The study's numbers (FashionMNIST, Colab T4) stand beside ours; a table whose runs "
               "are missing says what is missing. The study's variant (DIP+DDPM) replaced the "
               "Gaussian noise of the DDPM objective with a DIP output, so its loss is not "
-              "comparable with an epsilon-prediction loss: it measures a different target.", "",
-             "## The study's tables, ours beside", ""]
+              "comparable with an epsilon-prediction loss: it measures a different target.", ""]
+    lines += stage_lines(export) if export else []
+    lines += ["## The study's tables, ours beside", ""]
     for t in study:
         lines += table_markdown(t, root)
     lines += ["## Protocols", ""]
@@ -410,8 +431,10 @@ def build_report(cfg: Config, runs_dir) -> dict:
     made, linked = make_plots(runs, out_dir)
     beside = attach_plots(runs, study + protocols, out_dir)  # shown below their tables
     found = findings(runs)
-    text = report_markdown(runs, study, protocols, found, made + linked, root)
-    atomic_write_text(root / REPORT_FILE, text)
+    export = read_json(root / EXPORT_FILE) if (root / EXPORT_FILE).is_file() else None
+    name = RESULTS_REPORT_FILE if export else REPORT_FILE
+    text = report_markdown(runs, study, protocols, found, made + linked, root, export)
+    atomic_write_text(root / name, text)
     with Tracker(out_dir, cfg, "report") as tracker:
         for t in study + protocols:
             if not t.not_run:
@@ -425,8 +448,8 @@ def build_report(cfg: Config, runs_dir) -> dict:
             tracker.log_lines(s.key, s.lines, title=s.title, xname=s.xname, step=0)
         tracker.summary({"findings": " ".join(found),
                          "not_run": [t.key for t in study + protocols if t.not_run]})
-    print(f"{root / REPORT_FILE}: {sum(not t.not_run for t in study)} of {len(study)} study "
+    print(f"{root / name}: {sum(not t.not_run for t in study)} of {len(study)} study "
           f"tables, {sum(not t.not_run for t in protocols)} protocol tables, "
           f"{len(made) + len(beside)} plots in {out_dir}")
-    return {"report": root / REPORT_FILE, "tables": study + protocols,
+    return {"report": root / name, "tables": study + protocols,
             "plots": [p for _, p in made + beside], "runs": runs}

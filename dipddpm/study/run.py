@@ -30,11 +30,11 @@ from dipddpm.launch.submit import slurm_executor
 from dipddpm.progress import bar
 from dipddpm.launch.task import RESUME, JobTask
 from dipddpm.report.study_report import build_report
-from dipddpm.runs import atomic_write_json, prepare_run_dir
+from dipddpm.runs import STAGE_FILE, atomic_write_json, prepare_run_dir
 from dipddpm.study.estimate import estimate
-from dipddpm.study.plan import Stage, describe, plan_study
+from dipddpm.study.export import export_study
+from dipddpm.study.plan import Stage, describe, plan_study, project_root
 
-STAGE_FILE = "stage.json"
 WAVE_POLL_S = 10.0  # how often a waiting study asks SLURM (through submitit) about its tasks
 
 
@@ -175,3 +175,17 @@ def run_study(cfg: Config, config_path: str, overrides: list[str], *,
                  study_dir)
     print(f"study done in {time.perf_counter() - start:.0f} s: {study_dir / 'REPORT.md'}")
     return study_dir / "REPORT.md"
+
+
+def export_results(cfg: Config, out_dir) -> Path:
+    """Copy the study's finished stages into out_dir (dipddpm/study/export.py) and build the
+    report there (RESULTS.md); return its path."""
+    study_dir = Path(cfg.run.dir)
+    stages = plan_study(cfg, study_dir)
+    record = export_study(cfg, stages, study_dir, Path(out_dir), project_root(), is_done)
+    done = sum(s["done"] for s in record["stages"].values())
+    print(f"{out_dir}: {done} of {len(stages)} stage(s) finished and copied", flush=True)
+    # the report as `python -m jobs.report out_dir` builds it (no setting of this machine's)
+    report_cfg = load_config(str(project_root() / "configs/base.yaml"),
+                             [f"run.dir={Path(out_dir) / 'report'}", "wandb.mode=disabled"])
+    return build_report(report_cfg, out_dir)["report"]
