@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.optim.adam import adam as adam_functional
 
+from dipddpm.config import DIPConfig
 from dipddpm.dip.metrics import psnr
 from dipddpm.dip.seeds import hash_normal, hash_uniform, sample_seed
 from dipddpm.dip.stopping import EsWmv
@@ -48,26 +49,32 @@ BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as in the DIP author's code
 EPS = 1e-8
 
 
+_DIP = DIPConfig()  # the schema's defaults: the one place the fitting defaults are written
+
+
 @dataclass(frozen=True)
 class FitSettings:
-    input_scale: float = 0.1
-    reg_noise_std: float = 1.0 / 30
-    lr: float = 0.01
-    iters: int = 3000
-    exp_weight: float = 0.99
-    backtrack_db: float = 5.0  # 0 turns backtracking off
-    snapshot_every: int = 10
-    stop: str = "budget"  # or "es_wmv": each net stops on its own ES-WMV signal
-    es_window: int = 100
-    es_patience: int = 1000  # the paper's
+    """How each net is fitted: the fitting keys of the `dip` config section (their meaning and
+    defaults are DIPConfig's) plus `es_decide`. Its repr is part of a fit cache's fingerprint
+    (`batch_fingerprint`), so a field added here must leave the repr of older settings alone."""
+    input_scale: float = _DIP.input_scale
+    reg_noise_std: float = _DIP.reg_noise_std
+    lr: float = _DIP.lr
+    iters: int = _DIP.iters
+    exp_weight: float = _DIP.exp_weight
+    backtrack_db: float = _DIP.backtrack_db  # 0 turns backtracking off
+    snapshot_every: int = _DIP.snapshot_every
+    stop: str = _DIP.stop  # or "es_wmv": each net stops on its own ES-WMV signal
+    es_window: int = _DIP.es_window
+    es_patience: int = _DIP.es_patience
     # budget fits only: a net runs on past `iters` until ES-WMV has decided (at most
     # iters + es_patience iterations), so ES-WMV's pick and cost are the published rule's, not
     # cut at the budget; the budget estimate is still the one at `iters`
     es_decide: bool = False
     # fit_batch's network evaluation (dipddpm.models.dip): how the B nets' 3x3 convolutions
     # run, and the compute precision ("auto": bf16 where native, see dipddpm.precision)
-    formulation: str = "grouped"
-    precision: str = "fp32"
+    formulation: str = _DIP.formulation
+    precision: str = _DIP.precision
 
     @classmethod
     def from_config(cls, dip, **overrides) -> "FitSettings":
