@@ -20,7 +20,7 @@ from typing import Optional
 
 import yaml
 
-from dipddpm.config import UserError
+from dipddpm.config import UserError, migrate
 from dipddpm.runs import CHECKPOINTS_DIR, CONFIG_FILE, RESULTS_FILE, SAMPLES_DIR
 
 TRAIN_KEYS = ("variant", "model", "params", "T", "epochs", "steps", "images_seen",
@@ -185,7 +185,7 @@ def discover(runs_dir, exclude=()) -> Runs:
         if why:
             runs.skipped.append((folder, why))
             continue
-        config = config if isinstance(config, dict) else {}
+        config = migrate(config, stored=True) if isinstance(config, dict) else {}
         results, kind = {}, None
         if (folder / RESULTS_FILE).exists():
             results, why = _read(folder / RESULTS_FILE, json.load)

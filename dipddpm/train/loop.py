@@ -269,7 +269,7 @@ def train(cfg: Config) -> dict:
     final_loss = None
 
     def sample_grid():
-        n = t.num_samples
+        n = t.sample_num_images
         if n == 0 or not acc.is_main_process:
             return
         with acc.autocast():
@@ -284,7 +284,7 @@ def train(cfg: Config) -> dict:
     t_epoch = time.perf_counter()
     train_time, images_at_log = 0.0, state.images_seen  # img/s counts training only
     # train_seconds: the loop's wall time less the sample grids (monitoring, whose cost is set by
-    # train.num_samples, not by the training); checkpoints and data loading count
+    # train.sample_num_images, not by the training); checkpoints and data loading count
     t_loop, seconds_before, grid_seconds = time.perf_counter(), state.train_seconds, 0.0
     while state.step < total_steps:
         t_step = time.perf_counter()
