@@ -212,7 +212,7 @@ def test_sample_job_logs_its_run_and_under_slurm_prints_few_progress_lines(full_
     assert "\r" not in r.stderr
     tag = out / "samples" / "ddpm-50steps-eta0-t050-n6"
     w = read_wandb_offline(tag)
-    assert w["job_type"] == "sample" and w["config"]["sample"]["num"] == 6
+    assert w["job_type"] == "sample" and w["config"]["sample"]["num_images"] == 6
     assert [(h["_step"], h["images"], h["nfe"]) for h in w["history"] if "images" in h] == \
         [(0, 2, 50), (1, 4, 50), (2, 6, 50)]
     assert w["summary"]["nfe_per_sample"] == 50 and "samples" in w["history"][-1]
