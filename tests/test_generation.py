@@ -17,7 +17,7 @@ from dipddpm.evaluate import classifier_dir, load_classifier, split_features, to
 from dipddpm.protocols.arms import start_at, to_diffusion
 from dipddpm.protocols.generation import (_memorisation, data_free_source, first_images,
                                           generation, heldout_reference)
-from dipddpm.train.generate import load_trained
+from dipddpm.train.sampling import load_trained
 from jobs.generate_eval import main as generate_main
 from jobs.report import main as report_main
 from tests.conftest import make_tiny_world

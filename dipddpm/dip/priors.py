@@ -46,7 +46,7 @@ from dipddpm.data.stream import read_shards
 from dipddpm.dip.degrade import degrade
 from dipddpm.dip.fit import FitSettings, fit_by_key
 from dipddpm.dip.metrics import psnr
-from dipddpm.dip.study import SWEEP_KEYS
+from dipddpm.dip.table import SWEEP_KEYS
 from dipddpm.models.dip import SkipSpec
 from dipddpm.progress import bar as progress_bar
 from dipddpm.runs import atomic_path, atomic_write_json, read_json

@@ -123,7 +123,7 @@ from dipddpm.protocols.arms import CountingModel, ETA, start_at, to_diffusion
 from dipddpm.runs import (RESULTS_FILE, SAMPLES_DIR, atomic_path, atomic_write_json,
                           atomic_write_text, prepare_run_dir, read_json)
 from dipddpm.tracking import Tracker
-from dipddpm.train.generate import load_trained
+from dipddpm.train.sampling import load_trained
 
 SOURCE_SPLIT = {"train": "train", "heldout": "test"}
 COLUMNS = ["arm", "source", "sigma_t0", "sigma_t0_realised", "t0", "steps", "nfe", "dip_iters",

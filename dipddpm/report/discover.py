@@ -2,7 +2,7 @@
 
 A run dir is a folder with config.yaml. What it is comes from its results.json:
   train        {"job": "train", "variant", "T", "final_loss", "train_seconds", ...}
-  fit_dip      {"sigma": {...}, "num_images"}               (dipddpm/dip/study.py)
+  fit_dip      {"sigma": {...}, "num_images"}               (dipddpm/dip/table.py)
   restoration  {"protocol": "restoration", "tasks": {...}}  (dipddpm/protocols/restoration.py)
   generation   {"protocol": "generation", "arms": [...]}    (dipddpm/protocols/generation.py)
   classifier   {"classifier": {...}, "floors": [...]}       (jobs/train_classifier.py)

@@ -7,7 +7,7 @@
 The model and diffusion settings come from the training run's config.yaml when the weights
 sit in a run dir (run/ema.pt or run/checkpoints/img-*/ema.pt), so they always match the
 weights; otherwise from the caller's config. A model.name or diffusion.* key set on the command
-line that disagrees with the weights' run is refused (one line, exit 2). `generate` writes
+line that disagrees with the weights' run is refused (one line, exit 2). `draw_samples` writes
     run.dir/config.yaml         the resolved config, with the weights' model and diffusion
                                 (checked like every run dir's: dipddpm.runs.prepare_run_dir);
                                 not when run.dir is the weights' own training run, whose
@@ -113,7 +113,7 @@ def sampling_config(cfg: Config, explicit=()) -> tuple[Config, Path, bool]:
     return resolved, weights, own
 
 
-def generate(cfg: Config, explicit=()) -> dict:
+def draw_samples(cfg: Config, explicit=()) -> dict:
     """Draw cfg.sample.num_images samples; `explicit`: the keys set on the command line (see
     `sampling_config`)."""
     cfg, _, own_run = sampling_config(cfg, explicit)
