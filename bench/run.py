@@ -97,8 +97,9 @@ class Sizes:
 
 
 PRESETS = {
-    # The GPU check of issue 7 (bench/gpu.sh): the anchors' batches, the medium pair beside the
-    # H100 anchors, 2,048 priors at 100 iterations extrapolated to all 70,000.
+    # The GPU check (bench/gpu.sh): the batches of the H100 reference numbers that
+    # BENCHMARKS.md quotes (128 and 512), the medium pair beside them, 2,048 priors at 100
+    # iterations extrapolated to all 70,000.
     "full": Sizes(train_models=("unet-small", "unet-medium"), train_batches=(128, 512),
                   train_warmup=10, train_steps=40,
                   dip_single_images=4, dip_single_iters=50, dip_batches=(256, 1024, 2048),
