@@ -632,15 +632,15 @@ def migrate(tree, source: str = "config", *, stored: bool = False):
         node = out.get(old_section)
         if not isinstance(node, dict) or old_name not in node:
             continue
+        section, name = new.split(".") if new else (None, None)
+        if new is not None and not isinstance(out.setdefault(section, {}), dict):
+            continue  # not a section (e.g. left empty): the schema reports it
         value = node.pop(old_name)
         if not stored:
             _note(source, _renamed_text(old, new))
         if new is None:
             continue
-        section, name = new.split(".")
-        target = out.setdefault(section, {})
-        if not isinstance(target, dict):
-            continue  # not a section: the schema reports it
+        target = out[section]
         if name not in target:
             target[name] = value
         elif target[name] != value and not stored:
