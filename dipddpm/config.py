@@ -539,9 +539,10 @@ class StudyConfig:
             fail("sampling_num_images", self.sampling_num_images, "must be >= 1")
 
 
-# the study's lists of `key=value` overrides, one per stage kind: their keys are renamed too
-STUDY_OVERRIDE_LISTS = ("common", "train", "main_train", "fit_dip", "classifier", "priors",
-                        "sampling", "restore", "generation")
+# the study's lists of `key=value` overrides (study.common, study.main_train and one per stage
+# kind that has its own): their keys are renamed too (`migrate`)
+STUDY_OVERRIDE_LISTS = ("common", "main_train") + tuple(
+    kind for kind in STUDY_STAGES if kind in {f.name for f in dataclasses.fields(StudyConfig)})
 
 
 @dataclass

@@ -100,12 +100,17 @@ def test_missing_config_file_is_one_line(tmp_path):
 
 
 def test_the_renamed_keys_table_points_into_the_schema():
-    from dipddpm.config import RENAMED_KEYS, SCHEMA
+    import typing
+
+    from dipddpm.config import RENAMED_KEYS, SCHEMA, STUDY_OVERRIDE_LISTS, StudyConfig
 
     for old, new in RENAMED_KEYS.items():
         assert old not in SCHEMA, old  # an old name is free: nothing reads it any more
         assert new is None or new in SCHEMA, new
         assert new not in RENAMED_KEYS, new  # one step from any old name to the current one
+    # every list of overrides the study has is migrated (the other lists hold no keys)
+    lists = {k for k, tp in typing.get_type_hints(StudyConfig).items() if tp == list[str]}
+    assert lists - set(STUDY_OVERRIDE_LISTS) == {"stages", "restore_checkpoints"}
 
 
 def test_old_key_names_in_a_file_and_on_the_command_line_still_work(tmp_path, capsys,
