@@ -70,7 +70,7 @@ def bootstrap_ci(d: np.ndarray, n: int = 10_000, seed: int = 0) -> tuple[float, 
 
 def compare(data_dir: Path, images: int = 16, sigma: float = 25.0, overrides=(),
             device="cpu") -> dict:
-    from dipddpm.dip.study import fit_sigma, load_clean, record_iters
+    from dipddpm.dip.table import fit_sigma, load_clean, record_iters
 
     base = [f"data.dir={data_dir}", f"dip.num_images={images}", f"dip.batch_size={images}",
             "dip.split=test", *overrides]

@@ -312,7 +312,7 @@ def _train_job(data_dir: Path, tmp: Path, tag: str, lz: LeverSizes, *, processes
             f"run.dir={run_dir}", "wandb.mode=disabled", f"model.name={lz.e2e_model}",
             f"train.batch_size={lz.e2e_batch}", f"train.max_steps={lz.e2e_steps}",
             f"data.num_workers={workers}", f"train.log_every_images={per_log}",
-            "train.num_samples=0", "train.checkpoint_every_images=100000000",
+            "train.sample_num_images=0", "train.checkpoint_every_images=100000000",
             "train.sample_every_images=100000000", *speed_overrides("train.")]
     env = os.environ | {"OMP_NUM_THREADS": str(threads),
                         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),

@@ -89,7 +89,7 @@ class Sizes:
     ddim_steps: int
     prior_images: int
     prior_iters: int
-    prior_sub_batch: int
+    prior_batch: int
     roofline_reps: int = 5
     roofline_dip_images: int = 16  # images of the DIP net's convolution in the roofline
     extrapolate_to: int = 70_000  # all of FashionMNIST
@@ -97,15 +97,16 @@ class Sizes:
 
 
 PRESETS = {
-    # The GPU check of issue 7 (bench/gpu.sh): the anchors' batches, the medium pair beside the
-    # H100 anchors, 2,048 priors at 100 iterations extrapolated to all 70,000.
+    # The GPU check (bench/gpu.sh): the batches of the H100 reference numbers that
+    # BENCHMARKS.md quotes (128 and 512), the medium pair beside them, 2,048 priors at 100
+    # iterations extrapolated to all 70,000.
     "full": Sizes(train_models=("unet-small", "unet-medium"), train_batches=(128, 512),
                   train_warmup=10, train_steps=40,
                   dip_single_images=4, dip_single_iters=50, dip_batches=(256, 1024, 2048),
                   dip_iters=20, dip_reps=3,
                   sample_models=("unet-small", "unet-medium"), sample_batch=1000,
                   ddpm_steps=20, sample_reps=3, ddim_steps=50,
-                  prior_images=2048, prior_iters=100, prior_sub_batch=2048),
+                  prior_images=2048, prior_iters=100, prior_batch=2048),
     # A few minutes on 2 CPU cores shared with other jobs.
     "quick": Sizes(train_models=("unet-small",), train_batches=(32,), train_warmup=2,
                    train_steps=9,
@@ -113,7 +114,7 @@ PRESETS = {
                    dip_reps=3,
                    sample_models=("unet-small",), sample_batch=256,
                    ddpm_steps=2, sample_reps=3, ddim_steps=3,
-                   prior_images=32, prior_iters=10, prior_sub_batch=32,
+                   prior_images=32, prior_iters=10, prior_batch=32,
                    notes=("CPU sizes: training batch 32, DIP 16 nets, sampling batch 256 "
                           "(DDIM 3 steps), 32 priors at 10 iterations",)),
     # Seconds: the test's size; the numbers mean nothing.
@@ -122,7 +123,7 @@ PRESETS = {
                   dip_reps=1,
                   sample_models=("unet-tiny",), sample_batch=4,
                   ddpm_steps=2, sample_reps=1, ddim_steps=2,
-                  prior_images=4, prior_iters=2, prior_sub_batch=4, roofline_reps=1,
+                  prior_images=4, prior_iters=2, prior_batch=4, roofline_reps=1,
                   roofline_dip_images=1),
 }
 
@@ -351,15 +352,15 @@ def bench_priors(sz: Sizes, data_dir: Path, single_rate: float, peaks: dict) -> 
     with tempfile.TemporaryDirectory(prefix="bench-priors-") as tmp:
         data = slice_dataset(data_dir, Path(tmp) / "data", sz.prior_images)
         argv = ["--config", str(PRIORS_CONFIG), f"data.dir={data}", f"run.dir={tmp}/run",
-                f"dip.iters={sz.prior_iters}", f"priors.sub_batch={sz.prior_sub_batch}",
+                f"dip.iters={sz.prior_iters}", f"dip.batch_size={sz.prior_batch}",
                 "wandb.mode=disabled", "priors.name=bench"]
         start = time.perf_counter()
         result = precompute_priors.main(argv)
         wall = time.perf_counter() - start
     count = sum(e["count"] for e in result["shards"])
     rate = count / wall
-    settings = (f"{count} real test images, {sz.prior_iters} its, sub_batch "
-                f"{sz.prior_sub_batch}, configs/priors.yaml's dip.formulation/precision, W&B "
+    settings = (f"{count} real test images, {sz.prior_iters} its, dip.batch_size "
+                f"{sz.prior_batch}, configs/priors.yaml's dip.formulation/precision, W&B "
                 f"off, wall clock; at this rate {sz.extrapolate_to:,} images take "
                 f"{sz.extrapolate_to / rate / 60:,.1f} min; baseline: the plain loop's "
                 f"image-iterations/s / {sz.prior_iters}")

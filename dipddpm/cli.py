@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-from dipddpm.config import Config, UserError, load_config, parse_override
+from dipddpm.config import Config, UserError, current_key, load_config, parse_override
 
 
 def job_parser(description: str, default_config: Optional[str]) -> argparse.ArgumentParser:
@@ -30,8 +30,9 @@ def parse_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
 
 
 def override_keys(overrides: Sequence[str]) -> list[str]:
-    """The dotted keys a list of `key.sub=value` overrides sets."""
-    return [parse_override(o)[0] for o in overrides]
+    """The dotted keys a list of `key.sub=value` overrides sets, by their current names."""
+    keys = (current_key(parse_override(o)[0]) for o in overrides)
+    return [k for k in keys if k is not None]
 
 
 def run_job(main: Callable[[Optional[Sequence[str]]], object], argv=None) -> int:

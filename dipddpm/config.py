@@ -19,6 +19,22 @@ What a key means for a rerun is declared once, on its field:
                  checkpoint), never lower it; it still tells runs apart everywhere else
 A whole section can be neutral (`wandb`, `launch`). To mark a new performance-only switch
 (say a channels_last flag), declare it with `neutral(...)`; nothing else needs to change.
+
+How keys are named:
+  counts         a count of images is `num_images`, prefixed by what it is for where a section
+                 holds more than one (`protocol.gen_num_images`: samples per generation arm,
+                 `train.sample_num_images`: images in each periodic sample grid,
+                 `study.sampling_num_images`); a count of other things is `num_<things>`
+                 (`classifier.kid_num_subsets`); steps and iterations are `steps` and `iters`
+  group sizes    the images handled together are a `batch_size` (`dip.batch_size`: DIP nets
+                 fitted at once, one per image, and the unit a killed fit resumes after), the
+                 images of one stored group a `<group>_size` (`data.shard_size`,
+                 `classifier.kid_subset_size`)
+A renamed key is listed in `RENAMED_KEYS` (old name -> new name), and its old name keeps
+working wherever a config is read (`migrate`): a YAML file or a command-line override with an
+old name works and prints a one-line note on stderr; a run dir's config.yaml and a stage.json
+(written by an earlier version) are read under the new names without one, so their runs resume
+and finished stages are still recognised. Add a line there whenever a key is renamed.
 """
 from __future__ import annotations
 
@@ -26,6 +42,7 @@ import copy
 import dataclasses
 import difflib
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +179,7 @@ class TrainConfig:
     # (run.dir/weights/ema-img-<images>.pt: earlier points of one run, e.g. every epoch); None off
     weights_every_images: Optional[int] = neutral(None)
     sample_every_images: int = neutral(60_000)
-    num_samples: int = neutral(64)  # images in each sample grid
+    sample_num_images: int = neutral(64)  # images in each periodic sample grid
     sample_steps: int = neutral(50)  # DDIM steps of the periodic sample grids (same EMA weights)
     compile: bool = neutral(False)  # torch.compile the model (GPU runs; the first steps are slow)
     rank_debug: bool = neutral(False)  # each rank's sample keys and weight hashes -> run.dir/debug/
@@ -186,8 +203,8 @@ class TrainConfig:
             fail("lr", self.lr, "must be > 0")
         if not 0 <= self.ema_decay < 1:
             fail("ema_decay", self.ema_decay, "must be in [0, 1)")
-        if self.num_samples < 0:
-            fail("num_samples", self.num_samples, "must be >= 0")
+        if self.sample_num_images < 0:
+            fail("sample_num_images", self.sample_num_images, "must be >= 0")
 
 
 @dataclass
@@ -196,7 +213,7 @@ class SampleConfig:
     sampler: Literal["ddpm", "ddim"] = "ddim"
     steps: int = 50  # DDIM steps (DDPM always runs t0..1)
     eta: float = 0.0
-    num: int = 64
+    num_images: int = 64  # samples drawn
     batch_size: int = 256
     t0: Optional[int] = None  # start step; None -> T (pure noise)
     # every job that samples from a trained model (jobs.sample, the protocols): the U-Net's
@@ -207,8 +224,8 @@ class SampleConfig:
     def check(self, fail):
         if self.steps < 1:
             fail("steps", self.steps, "must be >= 1")
-        if self.num < 1:
-            fail("num", self.num, "must be >= 1")
+        if self.num_images < 1:
+            fail("num_images", self.num_images, "must be >= 1")
         if self.batch_size < 1:
             fail("batch_size", self.batch_size, "must be >= 1")
         if self.eta < 0:
@@ -245,7 +262,10 @@ class DIPConfig:
     # which images and how many at once
     split: Literal["train", "test"] = "test"
     num_images: int = 256
-    batch_size: int = neutral(64)  # nets fitted at once (a net's randomness: its image's key)
+    # nets fitted at once, by every job that fits (fit_dip, priors, the protocols), and the unit
+    # a killed fit resumes after; a net's randomness is its image's key, so other batches give
+    # the same fits up to float rounding
+    batch_size: int = neutral(64)
     record_every: int = 50  # fit_dip: PSNR table resolution in iterations
     # how B nets at once evaluate (dipddpm.models.dip) and in which precision (auto: bf16
     # where native; parameters, Adam and the monitoring stay fp32)
@@ -303,11 +323,9 @@ class PriorsConfig:
     name: str = "dip-sigma25"  # priors land in data.dir/priors/<name>/
     split: Literal["train", "test"] = "test"
     shard: Optional[int] = None  # one data shard; None -> all shards
-    sub_batch: int = 256  # images fitted together; also the resume granularity
+    # (the nets fitted at once, and so the unit a killed task resumes after: dip.batch_size)
 
     def check(self, fail):
-        if self.sub_batch < 1:
-            fail("sub_batch", self.sub_batch, "must be >= 1")
         if self.shard is not None and self.shard < 0:
             fail("shard", self.shard, "must be >= 0")
 
@@ -353,21 +371,21 @@ class ClassifierConfig:
     lr: float = 1e-3  # Adam
     feature_dim: int = 128  # width of the penultimate layer = the feature vector
     force: bool = neutral(False)  # retrain even when a verified checkpoint of these settings exists
-    fid_num: int = 1000  # N for the FID/KID of a set of samples (state it with every FID)
-    kid_subset: int = 1000  # KID: images per subset (capped at the set size)
-    kid_subsets: int = 100  # KID: number of random subsets averaged
-    # jobs.train_classifier computes (and caches) the real-vs-real FID floor at these N
-    floor_ns: list[int] = field(default_factory=lambda: [1000, 5000])
+    # (the N of a generation FID/KID is protocol.gen_num_images)
+    kid_subset_size: int = 1000  # KID: images per subset (capped at the set size)
+    kid_num_subsets: int = 100  # KID: number of random subsets averaged
+    # jobs.train_classifier computes (and caches) the real-vs-real FID floor at each of these N
+    floor_num_images: list[int] = field(default_factory=lambda: [1000, 5000])
     # Optional Inception FID beside the classifier's (dipddpm/evaluate/inception.py): the FID
     # Inception weights file (pt_inception-2015-12-05-6726825d.pth for the published scale; never
     # downloaded), through torch-fidelity; empty = off. The generation protocol then adds
     # "fid_inception" to every arm and to the floor.
     inception_weights: str = ""
-    inception_ref_num: int = 10000  # train images behind the cached Inception reference stats
+    inception_ref_num_images: int = 10000  # train images behind the cached Inception stats
     inception_batch_size: int = neutral(32)  # images per Inception forward (~6 GFLOP each)
 
     def check(self, fail):
-        for key in ("batch_size", "feature_dim", "fid_num", "kid_subset", "kid_subsets",
+        for key in ("batch_size", "feature_dim", "kid_subset_size", "kid_num_subsets",
                     "inception_batch_size"):
             if getattr(self, key) < 1:
                 fail(key, getattr(self, key), "must be >= 1")
@@ -377,9 +395,9 @@ class ClassifierConfig:
             fail("max_steps", self.max_steps, "must be >= 1")
         if self.lr <= 0:
             fail("lr", self.lr, "must be > 0")
-        if any(n < 2 for n in self.floor_ns):
-            fail("floor_ns", self.floor_ns, "every N must be >= 2")
-        for key in ("fid_num", "kid_subset", "inception_ref_num"):
+        if any(n < 2 for n in self.floor_num_images):
+            fail("floor_num_images", self.floor_num_images, "every N must be >= 2")
+        for key in ("kid_subset_size", "inception_ref_num_images"):
             if getattr(self, key) < 2:
                 fail(key, getattr(self, key), "FID and KID need at least 2 images")
 
@@ -426,7 +444,7 @@ class ProtocolConfig:
     curve_every: int = 1  # every k-th snapshot (and always the last)
     batch_size: int = 256  # images per reverse-chain batch
     # generation (dipddpm/protocols/generation.py)
-    gen_num: int = 1000  # N samples per arm for FID/KID (every FID states N and its floors)
+    gen_num_images: int = 1000  # N samples per arm for FID/KID (every FID states N and its floors)
     # K of the DDIM and DDPM baselines from noise; every DIP start's NFE is added to them
     gen_ddim_steps: list[int] = field(default_factory=lambda: [10, 20, 50, 100])
     gen_ddpm: bool = True  # also the full T-step ancestral DDPM from noise (T NFE per sample)
@@ -437,11 +455,11 @@ class ProtocolConfig:
     # where DIP starts come from: train images, held-out test images, no image (data_free)
     gen_sources: list[str] = field(default_factory=lambda: ["train", "heldout", "data_free"])
     gen_data_free_iters: int = 0  # data_free: 0 = the untrained net's output; k = fitted to noise
-    gen_priors_dir: str = ""  # priors of TRAINING images; empty -> fit gen_num of them here
-    gen_heldout_priors_dir: str = ""  # priors of TEST images; empty -> fit gen_num of them here
+    gen_priors_dir: str = ""  # priors of TRAINING images; empty -> fit gen_num_images of them here
+    gen_heldout_priors_dir: str = ""  # priors of TEST images; empty -> fit gen_num_images here
 
     def check(self, fail):
-        for key in ("num_images", "batch_size", "gen_num", "gen_steps", "curve_num_images",
+        for key in ("num_images", "batch_size", "gen_num_images", "gen_steps", "curve_num_images",
                     "curve_steps", "curve_every"):
             if getattr(self, key) < 1:
                 fail(key, getattr(self, key), "must be >= 1")
@@ -462,8 +480,8 @@ class ProtocolConfig:
             fail("samplers", self.samplers, "each must be ddpm or ddim")
         if not 0 < self.blur_sigma <= 9:  # reflection padding of radius 3 sigma needs < 28 px
             fail("blur_sigma", self.blur_sigma, "must be in (0, 9] pixels")
-        if self.gen_num < 2:
-            fail("gen_num", self.gen_num, "FID and KID need at least 2 images")
+        if self.gen_num_images < 2:
+            fail("gen_num_images", self.gen_num_images, "FID and KID need at least 2 images")
         if any(s <= 0 for s in self.gen_sigma_t0s):
             fail("gen_sigma_t0s", self.gen_sigma_t0s, "must all be > 0 (noise std, [-1, 1] units)")
         bad = [s for s in self.gen_sources if s not in GEN_SOURCES]
@@ -487,7 +505,7 @@ class StudyConfig:
     T_values: list[int] = field(default_factory=lambda: [200, 400, 600, 800, 1000])  # both variants
     epochs: list[float] = field(default_factory=lambda: [5, 10, 15, 20])  # ablation, both variants
     dip_iters: list[int] = field(default_factory=lambda: [100, 50, 10, 3])  # the variant's ablation
-    sampling_num: int = 16  # images per sampling-time run (ancestral, T steps)
+    sampling_num_images: int = 16  # images per sampling-time run (ancestral, T steps)
     # overrides (key=value strings) for every stage, then per stage kind; checked before any runs
     common: list[str] = field(default_factory=list)
     train: list[str] = field(default_factory=list)  # every training run, ablations included
@@ -529,11 +547,17 @@ class StudyConfig:
             fail("epochs", self.epochs, "must all be > 0")
         if any(k < 1 for k in self.dip_iters):
             fail("dip_iters", self.dip_iters, "must all be >= 1")
-        if self.sampling_num < 1:
-            fail("sampling_num", self.sampling_num, "must be >= 1")
+        if self.sampling_num_images < 1:
+            fail("sampling_num_images", self.sampling_num_images, "must be >= 1")
         for key in ("gflops_train", "gflops_forward", "gflops_dip"):
             if getattr(self, key) <= 0:
                 fail(key, getattr(self, key), "must be > 0 (GFLOP/s)")
+
+
+# the study's lists of `key=value` overrides (study.common, study.main_train and one per stage
+# kind that has its own): their keys are renamed too (`migrate`)
+STUDY_OVERRIDE_LISTS = ("common", "main_train") + tuple(
+    kind for kind in STUDY_STAGES if kind in {f.name for f in dataclasses.fields(StudyConfig)})
 
 
 @dataclass
@@ -554,6 +578,98 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- renamed keys
+
+# Every key renamed since run dirs were first written: old name -> new name (None: retired, a
+# key that had no effect; it is dropped). Read by `migrate` (see the module docstring).
+RENAMED_KEYS: dict[str, Optional[str]] = {
+    "sample.num": "sample.num_images",
+    "train.num_samples": "train.sample_num_images",
+    "protocol.gen_num": "protocol.gen_num_images",
+    "study.sampling_num": "study.sampling_num_images",
+    "classifier.kid_subset": "classifier.kid_subset_size",
+    "classifier.kid_subsets": "classifier.kid_num_subsets",
+    "classifier.floor_ns": "classifier.floor_num_images",
+    "classifier.inception_ref_num": "classifier.inception_ref_num_images",
+    # the priors job's nets fitted at once: the same notion as every other job's
+    "priors.sub_batch": "dip.batch_size",
+    # never read: the N of a generation FID/KID is protocol.gen_num_images
+    "classifier.fid_num": None,
+}
+
+_noted: set = set()  # (source, text) of the notes printed by this process
+
+
+def _note(source: str, text: str) -> None:
+    if (source, text) not in _noted:
+        _noted.add((source, text))
+        print(f"note: {source}: {text}", file=sys.stderr)
+
+
+def _renamed_text(old: str, new: Optional[str]) -> str:
+    return (f"{old} is now {new} (the old name still works)" if new else
+            f"{old} is retired (it had no effect); ignored")
+
+
+def current_key(dotted: str) -> Optional[str]:
+    """The name a key goes by now (None: retired)."""
+    return RENAMED_KEYS.get(dotted, dotted)
+
+
+def _migrate_override(text, source: str, stored: bool):
+    """One `key=value` string under the key's current name (None: a retired key)."""
+    if not isinstance(text, str) or "=" not in text:
+        return text
+    key, value = text.split("=", 1)
+    new = current_key(key.strip())
+    if new == key.strip():
+        return text
+    if not stored:
+        _note(source, _renamed_text(key.strip(), new))
+    return None if new is None else f"{new}={value}"
+
+
+def migrate(tree, source: str = "config", *, stored: bool = False):
+    """A nested config dict with every key of RENAMED_KEYS under its new name, and the study's
+    override lists likewise (a new dict; `tree` is left alone).
+
+    `stored`: a config an earlier version wrote (a run dir's config.yaml, a stage.json):
+    read without notes, and where it holds an old key beside its new name (two old keys that
+    became one, each written out), the new name's value stands. Otherwise (a YAML file) each
+    old name prints a one-line note on stderr, and an old key beside its new name with another
+    value is a ConfigError naming both."""
+    if not isinstance(tree, dict):
+        return tree
+    out = copy.deepcopy(tree)
+    for old, new in RENAMED_KEYS.items():
+        old_section, old_name = old.split(".")
+        node = out.get(old_section)
+        if not isinstance(node, dict) or old_name not in node:
+            continue
+        section, name = new.split(".") if new else (None, None)
+        if new is not None and not isinstance(out.setdefault(section, {}), dict):
+            continue  # not a section (e.g. left empty): the schema reports it
+        value = node.pop(old_name)
+        if not stored:
+            _note(source, _renamed_text(old, new))
+        if new is None:
+            continue
+        target = out[section]
+        if name not in target:
+            target[name] = value
+        elif target[name] != value and not stored:
+            raise _error(source, old, value, f"renamed {new}, which is also set here "
+                                             f"(= {_fmt(target[name])}); keep one of them")
+    study = out.get("study")
+    if isinstance(study, dict):
+        for name in STUDY_OVERRIDE_LISTS:
+            if isinstance(study.get(name), list):
+                texts = (_migrate_override(t, f"{source}: study.{name}", stored)
+                         for t in study[name])
+                study[name] = [t for t in texts if t is not None]
+    return out
 
 
 # ----------------------------------------------------------------------------- loading
@@ -590,6 +706,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict]:
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(tree).__name__}")
     base = tree.pop("base", None)
+    tree = migrate(tree, str(path))
     merged, sources = {}, {}
     if base is not None:
         if not isinstance(base, str):
@@ -737,20 +854,38 @@ def _check(obj, sources: dict, prefix: str = "") -> None:
         check(fail)
 
 
+def _migrate_cli(key: str, parsed: tuple):
+    """An override under its key's current name, with a note when it had an old one (key None:
+    a retired key, dropped); a study override list's entries likewise."""
+    new = current_key(key)
+    if new != key:
+        _note(CLI, _renamed_text(key, new))
+        key = new
+    section, _, name = (key or "").partition(".")
+    if section == "study" and name in STUDY_OVERRIDE_LISTS and isinstance(parsed[1], list):
+        texts = (_migrate_override(t, f"{CLI}: {key}", False) for t in parsed[1])
+        parsed = (parsed[0], [t for t in texts if t is not None])
+    return key, parsed
+
+
 def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] = ()) -> Config:
     """Schema defaults <- YAML file (with its bases) <- `key=value` overrides, validated."""
     tree, sources = ({}, {}) if path is None else _read_yaml(Path(path))
     default_source = str(path) if path is not None else "defaults"
     for text in overrides:
         key, parsed = parse_override(text)
-        _set_dotted(tree, sources, key, parsed, CLI)
+        key, parsed = _migrate_cli(key, parsed)
+        if key is not None:
+            _set_dotted(tree, sources, key, parsed, CLI)
     cfg = _build(Config, tree, sources, "", default_source)
     _check(cfg, sources)
     return cfg
 
 
 def config_from_dict(tree: dict, source: str = "config") -> Config:
-    """Build a Config from a plain dict (e.g. a resolved config.yaml or a grid point)."""
+    """Build a Config from a config dict an earlier run wrote (a resolved config.yaml), its
+    renamed keys read under their new names (`migrate`)."""
+    tree = migrate(tree, source, stored=True)
     sources: dict = {}
     _merge({}, sources, tree, source)
     cfg = _build(Config, copy.deepcopy(tree), sources, "", source)
@@ -815,8 +950,11 @@ def within(dotted: str, scope: Optional[typing.Iterable[str]]) -> bool:
 
 
 def result_keys(tree: dict, scope: Optional[typing.Iterable[str]] = None) -> dict:
-    """The flat non-neutral keys of a config dict inside scope: what tells two runs apart."""
-    return {k: v for k, v in flat(tree).items() if within(k, scope) and not is_neutral(k)}
+    """The flat non-neutral keys of a config dict inside scope: what tells two runs apart. As
+    in `compare_configs`, a stored dict's renamed keys count under their new names and a key
+    it lacks (written before the key existed) as the schema default."""
+    keys = {**flat(Config().to_dict()), **flat(migrate(tree, stored=True))}
+    return {k: v for k, v in keys.items() if within(k, scope) and not is_neutral(k)}
 
 
 def _shown(value) -> str:
@@ -838,9 +976,14 @@ def compare_configs(stored: dict, new: Config,
     declarations, for the keys inside `scope` (neutral keys are allowed anywhere). A key the
     stored config lacks takes the schema default (so adding a key with a default that keeps
     today's behaviour does not break old runs); a stored key the schema no longer has is
-    refused unless it is neutral."""
+    refused unless it is neutral; a renamed key counts under its new name (`migrate`)."""
     scope = None if scope is None else tuple(scope)
-    old = flat(stored if isinstance(stored, dict) else {})
+    stored = stored if isinstance(stored, dict) else {}
+    old = flat(migrate(stored, stored=True))
+    # the keys stored under an old name, for the refusal to name them as the file does
+    written = flat(stored)
+    as_written = {new: o for o, new in RENAMED_KEYS.items()
+                  if new and o in written and new not in written}
     now = flat(new.to_dict())
     defaults = flat(Config().to_dict())
     out = ConfigChanges()
@@ -862,7 +1005,8 @@ def compare_configs(stored: dict, new: Config,
             out.allowed[key] = [before, after]
             continue
         unless = f.metadata.get(EXTENDABLE)
-        text = f"{key} = {_shown(before)} there, {_shown(after)} now"
+        there = f" (as {as_written[key]})" if key in as_written else ""
+        text = f"{key} = {_shown(before)} there{there}, {_shown(after)} now"
         if unless is None:
             out.refused.append(text)
             continue

@@ -5,7 +5,7 @@ FID/KID is taken against the train statistics and against held-out statistics th
 held-out starts.
 
   python -m jobs.generate_eval --config configs/generation.yaml protocol.checkpoint=runs/ddpm \
-      [run.dir=D protocol.gen_num=1000 protocol.gen_ddim_steps=[10,50] \
+      [run.dir=D protocol.gen_num_images=1000 protocol.gen_ddim_steps=[10,50] \
        protocol.gen_sigma_t0s=[0.3,1.0,3.0] protocol.gen_sources=[train,heldout,data_free] \
        protocol.gen_priors_dir=data/.../priors/NAME]
 

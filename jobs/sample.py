@@ -5,15 +5,15 @@
   python -m jobs.sample run.dir=runs/ddpm sample.sampler=ddpm sample.t0=100    # from test images
 
 The model and diffusion come from the weights' run (an override that disagrees is refused).
-See dipddpm/train/generate.py for where the settings come from and what is written.
+See dipddpm/train/sampling.py for where the settings come from and what is written.
 """
 from dipddpm.cli import exit_with, job_parser, override_keys, parse_config
-from dipddpm.train.generate import generate
+from dipddpm.train.sampling import draw_samples
 
 
 def main(argv=None):
     cfg, args = parse_config(job_parser(__doc__.splitlines()[0], "configs/ddpm.yaml"), argv)
-    return generate(cfg, explicit=override_keys(args.overrides))
+    return draw_samples(cfg, explicit=override_keys(args.overrides))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 Caches classifier.pt + metrics.json (test accuracy) in <data.dir>/classifier/ (classifier.dir);
 a rerun with the same settings reuses the verified checkpoint, classifier.force=true retrains.
-Then computes the real-vs-real FID floor at each N of classifier.floor_ns (cached beside the
+Then computes the real-vs-real FID floor at each N of classifier.floor_num_images (cached beside the
 checkpoint) and writes run.dir/results.json:
   {"classifier": metrics.json + "reused", "floors": [{"n", "fid", "fid_vs_train", "kid", ...}]}
 and logs the run (run.dir/metrics.jsonl and W&B, job_type train_classifier): the training loss
@@ -26,10 +26,10 @@ def main(argv=None):
         metrics = train_classifier(cfg, tracker=tracker)
         clf = load_classifier(classifier_dir(cfg))
         floors = []
-        for n in cfg.classifier.floor_ns:
+        for n in cfg.classifier.floor_num_images:
             f = real_vs_real_floor(clf, cfg.data.dir, n, seed=cfg.run.seed,
-                                   kid_subset=cfg.classifier.kid_subset,
-                                   kid_subsets=cfg.classifier.kid_subsets)
+                                   kid_subset_size=cfg.classifier.kid_subset_size,
+                                   kid_num_subsets=cfg.classifier.kid_num_subsets)
             print(f"real-vs-real floor at N={n}: FID {f['fid']:.3f} (test vs train, {n} each), "
                   f"FID vs all-train stats {f['fid_vs_train']:.3f}, KID {f['kid']:.5f}")
             floors.append(f)

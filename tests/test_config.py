@@ -97,3 +97,77 @@ def test_missing_config_file_is_one_line(tmp_path):
     r = run_module("jobs.prepare_data", "--config", str(tmp_path / "nope.yaml"))
     assert r.returncode == 2 and "nope.yaml: no such config file" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_renamed_keys_table_points_into_the_schema():
+    import typing
+
+    from dipddpm.config import RENAMED_KEYS, SCHEMA, STUDY_OVERRIDE_LISTS, StudyConfig
+
+    for old, new in RENAMED_KEYS.items():
+        assert old not in SCHEMA, old  # an old name is free: nothing reads it any more
+        assert new is None or new in SCHEMA, new
+        assert new not in RENAMED_KEYS, new  # one step from any old name to the current one
+    # every list of overrides the study has is migrated (the other lists hold no keys)
+    lists = {k for k, tp in typing.get_type_hints(StudyConfig).items() if tp == list[str]}
+    assert lists - set(STUDY_OVERRIDE_LISTS) == {"stages", "restore_checkpoints"}
+
+
+def test_old_key_names_in_a_file_and_on_the_command_line_still_work(tmp_path, capsys,
+                                                                     monkeypatch):
+    from dipddpm import config
+
+    monkeypatch.setattr(config, "_noted", set())  # notes print once per process
+    path = write(tmp_path / "old.yaml", {
+        "sample": {"num": 5}, "priors": {"sub_batch": 8},
+        "classifier": {"kid_subsets": 7, "fid_num": 9},
+        "study": {"main_train": ["train.num_samples=4", "train.lr=0.1"],
+                  "generation": ["classifier.fid_num=3", "protocol.gen_num=6"]}})
+    cfg = load_config(path, ["train.num_samples=3", "study.sampling_num=2",
+                             "study.fit_dip=[priors.sub_batch=16]"])
+    assert (cfg.sample.num_images, cfg.dip.batch_size, cfg.classifier.kid_num_subsets) == (5, 8, 7)
+    assert (cfg.train.sample_num_images, cfg.study.sampling_num_images) == (3, 2)
+    # the study's per-stage overrides are renamed too; a retired key is dropped
+    assert cfg.study.main_train == ["train.sample_num_images=4", "train.lr=0.1"]
+    assert cfg.study.generation == ["protocol.gen_num_images=6"]
+    assert cfg.study.fit_dip == ["dip.batch_size=16"]
+    assert cfg == load_config(None, [
+        "sample.num_images=5", "dip.batch_size=8", "classifier.kid_num_subsets=7",
+        "train.sample_num_images=3", "study.sampling_num_images=2",
+        "study.main_train=[train.sample_num_images=4, train.lr=0.1]",
+        "study.generation=[protocol.gen_num_images=6]", "study.fit_dip=[dip.batch_size=16]"])
+    err = capsys.readouterr().err.splitlines()
+    works = "(the old name still works)"
+    assert f"note: {path}: sample.num is now sample.num_images {works}" in err
+    assert f"note: {path}: priors.sub_batch is now dip.batch_size {works}" in err
+    assert f"note: {path}: classifier.fid_num is retired (it had no effect); ignored" in err
+    assert f"note: {path}: study.main_train: train.num_samples is now " \
+           f"train.sample_num_images {works}" in err
+    assert f"note: command line: train.num_samples is now train.sample_num_images {works}" in err
+    assert f"note: command line: study.fit_dip: priors.sub_batch is now dip.batch_size " \
+           f"{works}" in err
+    assert len(err) == 10 and all(line.startswith("note: ") for line in err), err
+
+
+def test_an_old_key_beside_its_new_name_with_another_value_is_one_line(tmp_path):
+    both = write(tmp_path / "both.yaml", {"priors": {"sub_batch": 8}, "dip": {"batch_size": 4}})
+    with pytest.raises(ConfigError, match=r"both.yaml: priors.sub_batch = 8: renamed "
+                                          r"dip.batch_size, which is also set here \(= 4\); "
+                                          r"keep one of them$"):
+        load_config(both)
+    same = write(tmp_path / "same.yaml", {"priors": {"sub_batch": 8}, "dip": {"batch_size": 8}})
+    assert load_config(same).dip.batch_size == 8
+    # across files the later one wins, whichever name each uses
+    write(tmp_path / "base.yaml", {"dip": {"batch_size": 4}})
+    child = write(tmp_path / "child.yaml", {"base": "base.yaml", "priors": {"sub_batch": 8}})
+    assert load_config(child).dip.batch_size == 8
+
+
+def test_an_old_key_on_a_jobs_command_line_is_a_note_not_an_error(tmp_path):
+    r = run_module("jobs.prepare_data", "--source", str(tmp_path), "--out", str(tmp_path / "o"),
+                   "sample.num=5")
+    lines = r.stderr.strip().splitlines()
+    assert lines[0] == ("note: command line: sample.num is now sample.num_images (the old name "
+                        "still works)")
+    # the job went on to its own check of the (empty) source folder
+    assert r.returncode == 2 and len(lines) == 2 and "unknown key" not in r.stderr

@@ -107,3 +107,19 @@ def test_a_budget_fit_runs_on_until_es_wmv_decides_and_keeps_the_budget_estimate
         assert math.isclose(float(batch.psnr_raw[best - 1, b]),
                             float(batch.psnr_raw[:s.iters, b].max()), abs_tol=1e-12)
     assert (batch.iters_run > s.iters).any(), "the test must exercise a net running on"
+
+
+def test_fit_settings_take_their_defaults_from_the_schema():
+    """FitSettings' defaults are DIPConfig's (one place), and the repr of the defaults, part of
+    every fit cache's fingerprint, is the one finished fits were stored under."""
+    from dataclasses import fields
+
+    from dipddpm.config import DIPConfig
+
+    assert FitSettings() == FitSettings.from_config(DIPConfig())
+    dip = {f.name for f in fields(DIPConfig)}
+    assert [f.name for f in fields(FitSettings) if f.name not in dip] == ["es_decide"]
+    assert repr(FitSettings()) == (
+        "FitSettings(input_scale=0.1, reg_noise_std=0.03333333333333333, lr=0.01, iters=3000, "
+        "exp_weight=0.99, backtrack_db=5.0, snapshot_every=10, stop='budget', es_window=100, "
+        "es_patience=1000, es_decide=False, formulation='grouped', precision='fp32')")

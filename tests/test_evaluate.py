@@ -149,7 +149,8 @@ def tiny_data(tmp_path_factory):
 def test_classifier_job_caches_checkpoint_and_reuses_it(tiny_data, tmp_path):
     args = ["--config", "configs/classifier.yaml", f"data.dir={tiny_data}",
             f"run.dir={tmp_path / 'run'}", "classifier.max_steps=3", "classifier.batch_size=32",
-            "classifier.floor_ns=[20]", "classifier.kid_subset=10", "classifier.kid_subsets=5"]
+            "classifier.floor_num_images=[20]", "classifier.kid_subset_size=10",
+            "classifier.kid_num_subsets=5"]
     r = run_module("jobs.train_classifier", *args, timeout=300)
     assert r.returncode == 0, r.stderr
     folder = tiny_data / "classifier"

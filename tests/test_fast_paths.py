@@ -149,7 +149,7 @@ def test_old_configs_and_fingerprints_are_unchanged():
     """A config.yaml written before these keys existed loads with today's behaviour, and the
     fingerprints of finished DIP work (fit_dip batches, priors) are those it had then."""
     from dipddpm.dip.priors import settings_of
-    from dipddpm.dip.study import _NOT_IN_FINGERPRINT, _fingerprint
+    from dipddpm.dip.table import _NOT_IN_FINGERPRINT, _fingerprint
 
     new = {"train": ("channels_last", "optimizer_impl"), "sample": ("precision", "channels_last"),
            "dip": ("formulation", "precision")}

@@ -17,7 +17,7 @@ from dipddpm.evaluate import classifier_dir, load_classifier, split_features, to
 from dipddpm.protocols.arms import start_at, to_diffusion
 from dipddpm.protocols.generation import (_memorisation, data_free_source, first_images,
                                           generation, heldout_reference)
-from dipddpm.train.generate import load_trained
+from dipddpm.train.sampling import load_trained
 from jobs.generate_eval import main as generate_main
 from jobs.report import main as report_main
 from tests.conftest import make_tiny_world
@@ -42,7 +42,8 @@ def world(tmp_path_factory):
 
     w = make_tiny_world(tmp_path_factory.mktemp("generation"), n_test=16, T=30)
     w["base"] = [f"data.dir={w['data']}", f"classifier.dir={w['root'] / 'clf'}",
-                 "classifier.max_steps=2", "classifier.batch_size=8", "classifier.kid_subsets=3"]
+                 "classifier.max_steps=2", "classifier.batch_size=8",
+                 "classifier.kid_num_subsets=3"]
     train_classifier(load_config(None, w["base"]), log=lambda *a: None)
     w["clf"] = load_classifier(classifier_dir(load_config(None, w["base"])))
     return w
@@ -50,7 +51,7 @@ def world(tmp_path_factory):
 
 def job_args(world, run_dir, *extra):
     return ["--config", "configs/generation.yaml", f"run.dir={run_dir}",
-            f"protocol.checkpoint={world['ddpm']}", f"protocol.gen_num={N}",
+            f"protocol.checkpoint={world['ddpm']}", f"protocol.gen_num_images={N}",
             "protocol.gen_ddim_steps=[2,5]", "protocol.gen_sigma_t0s=[0.3,1.0,1.01,1e6]",
             "protocol.gen_steps=3", "protocol.batch_size=4", "wandb.mode=disabled",
             *TINY_DIP, *world["base"], *extra]
@@ -137,7 +138,7 @@ def test_heldout_reference_excludes_the_start_images(world, job):
     _, res = job
     clf, data = world["clf"], world["data"]
     feats, ref_keys, excluded = heldout_reference(clf, data, N)
-    _, start_keys = first_images(data, "test", N, "protocol.gen_num")
+    _, start_keys = first_images(data, "test", N, "protocol.gen_num_images")
     assert excluded == start_keys and not set(ref_keys) & set(start_keys)
     from dipddpm.data import load_split
 
@@ -153,7 +154,7 @@ def test_clean_control_is_the_forward_diffused_image(world, tmp_path):
     the clean_start rows' samples must be exactly the source images diffused to t0 with the
     protocol's per-batch noise, so their distance to the source is known to the last bit."""
     cfg = load_config("configs/generation.yaml", [
-        f"protocol.gen_num={N}", "protocol.gen_ddim_steps=[1]", "protocol.gen_ddpm=false",
+        f"protocol.gen_num_images={N}", "protocol.gen_ddim_steps=[1]", "protocol.gen_ddpm=false",
         "protocol.gen_sigma_t0s=[0.05]", "protocol.gen_steps=1", "protocol.batch_size=4",
         "protocol.gen_sources=[train, heldout]", f"run.dir={tmp_path}", *TINY_DIP,
         *world["base"]])
@@ -163,7 +164,7 @@ def test_clean_control_is_the_forward_diffused_image(world, tmp_path):
     t0, _ = start_at(diffusion, 0.05)
     t = torch.full((N,), t0 - 1, dtype=torch.long)
     for source, split in (("train", "train"), ("heldout", "test")):
-        clean, _ = first_images(world["data"], split, N, "protocol.gen_num")
+        clean, _ = first_images(world["data"], split, N, "protocol.gen_num_images")
         x0 = to_diffusion(torch.from_numpy(clean))
         eps = torch.cat([torch.randn((m, 1, 28, 28), generator=torch.Generator("cpu").manual_seed(
             cfg.run.seed * 1_000_003 + b)) for b, m in enumerate((4, N - 4))])
@@ -181,7 +182,7 @@ def test_clean_control_is_the_forward_diffused_image(world, tmp_path):
 
 
 def test_data_free_source_needs_no_image(tmp_path):
-    base = [f"data.dir={tmp_path / 'no-data-here'}", f"protocol.gen_num={N}", *TINY_DIP]
+    base = [f"data.dir={tmp_path / 'no-data-here'}", f"protocol.gen_num_images={N}", *TINY_DIP]
     untrained = data_free_source(load_config(None, base), "cpu")
     again = data_free_source(load_config(None, base), "cpu")
     fitted = data_free_source(load_config(None, [*base, "protocol.gen_data_free_iters=3"]), "cpu")
@@ -201,7 +202,7 @@ def test_fitted_estimates_are_kept_in_the_dip_cache(world, tmp_path, monkeypatch
     from dipddpm.protocols.generation import fit_estimates
 
     cfg = load_config(None, [*world["base"], *TINY_DIP, f"protocol.dip_cache={tmp_path}"])
-    clean, keys = first_images(world["data"], "test", N, "protocol.gen_num")
+    clean, keys = first_images(world["data"], "test", N, "protocol.gen_num_images")
     first = fit_estimates(cfg, clean, keys, "cpu")
     assert len(list(tmp_path.glob("*.pt"))) == 2  # batches of 4 and 2 nets
     monkeypatch.setattr(fit, "fit_batch", None)  # a rerun must not fit

@@ -148,8 +148,8 @@ def test_bad_weights_files_are_one_line_errors(weights, tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")
     assert str(garbage) in one_line_error(lambda: load_inception(garbage))
-    with pytest.raises(ConfigError, match="classifier.inception_ref_num"):
-        load_config(None, ["classifier.inception_ref_num=1"])
+    with pytest.raises(ConfigError, match="classifier.inception_ref_num_images"):
+        load_config(None, ["classifier.inception_ref_num_images=1"])
 
 
 def test_generation_protocol_adds_inception_fid_only_when_set(world, weights, tmp_path):
@@ -157,10 +157,10 @@ def test_generation_protocol_adds_inception_fid_only_when_set(world, weights, tm
     from jobs.generate_eval import main
 
     base = [f"data.dir={world['data']}", f"classifier.dir={world['root'] / 'clf'}",
-            "classifier.max_steps=2", "classifier.batch_size=8", "classifier.kid_subsets=2"]
+            "classifier.max_steps=2", "classifier.batch_size=8", "classifier.kid_num_subsets=2"]
     train_classifier(load_config(None, base), log=lambda *a: None)
     args = ["--config", "configs/generation.yaml", f"protocol.checkpoint={world['ddpm']}",
-            "protocol.gen_num=4", "protocol.gen_ddpm=false", "protocol.gen_ddim_steps=[2]",
+            "protocol.gen_num_images=4", "protocol.gen_ddpm=false", "protocol.gen_ddim_steps=[2]",
             "protocol.gen_sigma_t0s=[0.5]", "protocol.gen_sources=[train]", "protocol.gen_steps=2",
             "protocol.batch_size=4",
             "wandb.mode=disabled", *TINY_DIP, *base]
@@ -173,7 +173,7 @@ def test_generation_protocol_adds_inception_fid_only_when_set(world, weights, tm
     assert "Inception" not in (tmp_path / "plain" / "table.md").read_text()
 
     main([*args, f"run.dir={tmp_path / 'inc'}", f"{KEY}={weights}",
-          "classifier.inception_ref_num=8", "classifier.inception_batch_size=4"])
+          "classifier.inception_ref_num_images=8", "classifier.inception_batch_size=4"])
     res = json.loads((tmp_path / "inc" / "results.json").read_text())
     assert [r["arm"] for r in res["arms"]] == ["ddpm", "ddim", "dip_estimate", "dip_start", "clean_start"]
     for r in res["arms"]:

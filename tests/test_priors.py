@@ -9,11 +9,12 @@ import pytest
 from dipddpm.config import load_config
 from dipddpm.data import load_split
 from dipddpm.data.shards import sha256_file
-from dipddpm.dip.priors import load_priors, precompute
+from dipddpm.dip.priors import READS, load_priors, precompute
+from dipddpm.runs import check_run_dir, prepare_run_dir
 from tests.conftest import REPO, make_shards, run_module
 
 # A small net keeps these tests quick; the study's net is the default of configs/priors.yaml.
-SMALL = ["dip.channels_down=8", "dip.channels_up=8", "dip.iters=6", "priors.sub_batch=2",
+SMALL = ["dip.channels_down=8", "dip.channels_up=8", "dip.iters=6", "dip.batch_size=2",
          "wandb.mode=disabled", "priors.name=small"]
 
 
@@ -55,6 +56,27 @@ def test_changed_settings_recompute(data_dir, tmp_path):
     assert not r["shards"][0]["skipped"] and r["shards"][0]["iters_mean"] == 3
 
 
+def test_the_batch_size_changes_no_prior(data_dir, tmp_path):
+    """dip.batch_size (nets fitted at once) is neutral: other batches give the same priors up
+    to float rounding, and a rerun into the same run dir may change it."""
+    out = data_dir / "priors" / "small"
+    cfg = cfg_for(data_dir, tmp_path, "priors.shard=0")
+    prepare_run_dir(cfg, reads=READS)
+    precompute(cfg, progress=False)
+    in_twos = load_priors(out)
+    for p in (out / "test-000000.tar", out / "entries/test-000000.json"):
+        p.unlink()
+    cfg = cfg_for(data_dir, tmp_path, "priors.shard=0", "dip.batch_size=5")
+    assert check_run_dir(cfg, READS) == {"dip.batch_size": [2, 5]}
+    r = precompute(cfg, progress=False)
+    in_fives = load_priors(out)
+    assert not r["shards"][0]["skipped"] and in_fives["key"] == in_twos["key"]
+    assert (in_fives["iters"] == in_twos["iters"]).all()
+    # float rounding of another batch's grouped convolutions, grown over Adam's steps
+    assert abs(in_fives["x0_hat"] - in_twos["x0_hat"]).max() < 1e-3
+    assert abs(in_fives["psnr_clean"] - in_twos["psnr_clean"]).max() < 0.01  # dB
+
+
 def test_bad_shard_index_is_one_line(data_dir, tmp_path):
     r = run_module("jobs.precompute_priors", f"data.dir={data_dir}", f"run.dir={tmp_path}/r",
                    "shard=7", *SMALL)
@@ -64,24 +86,24 @@ def test_bad_shard_index_is_one_line(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_task_resumes_after_the_last_sub_batch(data_dir, tmp_path):
-    args = [f"data.dir={data_dir}", "shard=0", *SMALL, "dip.iters=20", "priors.sub_batch=2"]
+def test_killed_task_resumes_after_the_last_batch(data_dir, tmp_path):
+    args = [f"data.dir={data_dir}", "shard=0", *SMALL, "dip.iters=20", "dip.batch_size=2"]
     partial = data_dir / "priors" / "small" / ".partial" / "test-000000"
     proc = subprocess.Popen([sys.executable, "-m", "jobs.precompute_priors",
                              f"run.dir={tmp_path}/a", *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and not (partial / "0001.npz").exists():
+    while time.time() < deadline and not (partial / "000002-000004.npz").exists():
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (partial / "0000.npz").exists()
+    assert (partial / "000000-000002.npz").exists()
     tar = data_dir / "priors" / "small" / "test-000000.tar"
     assert not tar.exists()  # nothing complete-looking after the kill
     r = run_module("jobs.precompute_priors", f"run.dir={tmp_path}/b", *args)
     assert r.returncode == 0, r.stderr
     entry = json.loads((data_dir / "priors/small/entries/test-000000.json").read_text())
-    assert entry["fitted_images"] <= 4  # at least the first two sub-batches were reused
+    assert entry["fitted_images"] <= 4  # at least the first two batches were reused
     resumed = sha256_file(tar)
     # An uninterrupted run from scratch writes the same bytes.
     fresh = tmp_path / "fresh"

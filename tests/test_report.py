@@ -198,7 +198,7 @@ def real_runs(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_module("jobs.sample", "--config", "configs/ddpm_tiny.yaml",
                    f"run.dir={root / 'sampled'}", f"sample.checkpoint={real}",
-                   "sample.sampler=ddpm", "sample.num=1", f"data.dir={shards}",
+                   "sample.sampler=ddpm", "sample.num_images=1", f"data.dir={shards}",
                    "wandb.mode=disabled", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
     return {"root": root, "results": read_json(real / "results.json"),

@@ -172,6 +172,90 @@ def test_neutral_declarations_drive_the_study_the_priors_and_the_report(tmp_path
     assert "train.log_every_images" not in result_keys(cfg().to_dict())
 
 
+# What the code before the key renames wrote, by the names the keys have now (what old run dirs
+# and stage.json files hold; dipddpm.config.RENAMED_KEYS is what the code reads)
+OLD_NAMES = {"sample.num_images": "sample.num", "train.sample_num_images": "train.num_samples",
+             "protocol.gen_num_images": "protocol.gen_num",
+             "study.sampling_num_images": "study.sampling_num",
+             "classifier.kid_subset_size": "classifier.kid_subset",
+             "classifier.kid_num_subsets": "classifier.kid_subsets",
+             "classifier.floor_num_images": "classifier.floor_ns",
+             "classifier.inception_ref_num_images": "classifier.inception_ref_num"}
+
+
+def written_before_the_renames(cfg) -> dict:
+    tree = cfg.to_dict()
+    for new, old in OLD_NAMES.items():
+        (section, key), (old_section, old_key) = new.split("."), old.split(".")
+        tree[old_section][old_key] = tree[section].pop(key)
+    tree["priors"]["sub_batch"] = 256  # the priors' nets at once, now dip.batch_size (beside it)
+    tree["classifier"]["fid_num"] = 1000  # never read, retired
+    return tree
+
+
+def test_a_run_dir_written_with_the_old_key_names_resumes(trained, data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    stored = written_before_the_renames(load_config(run / CONFIG_FILE))
+    assert stored["train"]["num_samples"] == 4 and "sample_num_images" not in stored["train"]
+    (run / CONFIG_FILE).write_text(yaml.safe_dump(stored, sort_keys=False))
+    r = run_module("jobs.train", *args(run, data, "train.max_steps=5"), env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from img-000000000024" in r.stdout
+    assert "note:" not in r.stderr  # a stored config is read without notes
+    # every old-named key matched its new name: no change but the two made here
+    [line] = [json.loads(x) for x in (run / CONFIG_CHANGES_FILE).read_text().splitlines()]
+    assert line["changes"] == {"run.dir": [str(trained), str(run)], "train.max_steps": [3, 5]}
+    now = yaml.safe_load((run / CONFIG_FILE).read_text())
+    assert now["train"]["sample_num_images"] == 4 and "num_samples" not in now["train"]
+    assert "sub_batch" not in now["priors"] and "fid_num" not in now["classifier"]
+
+
+@pytest.mark.parametrize("old_key, value, needle", [
+    ("kid_subsets", 7, "classifier.kid_num_subsets = 7 there (as classifier.kid_subsets), "
+                       "100 now"),
+    ("floor_ns", [20], "classifier.floor_num_images = [20] there (as classifier.floor_ns), "
+                       "[1000, 5000] now"),
+])
+def test_an_old_named_key_of_another_value_is_refused_by_its_new_name(tmp_path, capsys, old_key,
+                                                                      value, needle):
+    from jobs.train_classifier import main
+
+    argv = ["--config", "configs/classifier.yaml", f"run.dir={tmp_path}"]
+    stored = written_before_the_renames(load_config(argv[1], argv[2:]))
+    stored["classifier"][old_key] = value
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(stored, sort_keys=False))
+    before = snapshot(tmp_path)
+    assert run_job(main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_stage_recorded_with_the_old_key_names_is_still_done(tmp_path):
+    from dipddpm.report.discover import discover
+    from dipddpm.study.plan import Stage
+    from dipddpm.study.run import STAGE_FILE, is_done
+
+    argv = ["--config", "configs/restore.yaml", f"run.dir={tmp_path}"]
+    cfg = load_config(argv[1], argv[2:])
+    old = written_before_the_renames(cfg)
+    del old["study"]["restore_checkpoints"]  # a key added after the stage ran: its default
+    assert compare_configs(old, cfg).refused == [] and compare_configs(old, cfg).allowed == {}
+    assert result_keys(old) == result_keys(cfg.to_dict())
+    (tmp_path / STAGE_FILE).write_text(json.dumps({"job": "restore", "argv": argv,
+                                                   "config": old}))
+    stage = lambda c: Stage("restore", "restore", "restore", 1, argv, c)  # noqa: E731
+    assert is_done(stage(cfg))
+    assert not is_done(stage(load_config(argv[1], [*argv[2:], "sample.num_images=3"])))
+    # the report reads an old run dir's config.yaml under the new names too
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(old))
+    (tmp_path / "results.json").write_text(json.dumps({"sigma": {}, "num_images": 1}))
+    [run] = discover(tmp_path).by_kind["fit_dip"]
+    assert run.cfg("sample.num_images") == cfg.sample.num_images
+    assert run.cfg("sample.num") is None and run.cfg("classifier.fid_num") is None
+
+
 @pytest.mark.parametrize("job", ["jobs.train", "jobs.fit_dip"])
 def test_run_dir_that_is_a_file_is_one_line(job, tmp_path, capsys):
     import importlib
@@ -201,7 +285,8 @@ def test_sample_refuses_settings_its_weights_were_not_trained_with(tmp_path, cap
     world = make_tiny_world(tmp_path, n_test=4, T=12)
     ddpm = world["ddpm"]
     common = ["run.dir=" + str(tmp_path / "samples"), f"sample.checkpoint={ddpm}",
-              f"data.dir={world['data']}", "sample.num=2", "sample.steps=2", "wandb.mode=disabled"]
+              f"data.dir={world['data']}", "sample.num_images=2", "sample.steps=2",
+              "wandb.mode=disabled"]
     for override, needle in (("diffusion.T=1000", "diffusion.T = 1000: the weights"),
                              ("model.name=unet-small", "model.name = 'unet-small': the weights")):
         assert run_job(main, [*common, override]) == 2
@@ -216,6 +301,6 @@ def test_sample_refuses_settings_its_weights_were_not_trained_with(tmp_path, cap
     assert run_job(main, [*common, "sample.steps=3", "diffusion.T=12"]) == 0
     # into the weights' own run dir: its config.yaml stays as training wrote it
     before = (ddpm / CONFIG_FILE).read_bytes()
-    assert run_job(main, [f"run.dir={ddpm}", f"data.dir={world['data']}", "sample.num=2",
+    assert run_job(main, [f"run.dir={ddpm}", f"data.dir={world['data']}", "sample.num_images=2",
                           "sample.steps=2"]) == 0
     assert (ddpm / CONFIG_FILE).read_bytes() == before

@@ -13,22 +13,24 @@ QUICKSTART = str(REPO / "configs/quickstart.yaml")
 # Every stage at toy size: a study that runs end to end in about a minute.
 MICRO = [
     "study.T_values=[10, 20]", "study.main_T=20", "study.epochs=[0.25]", "study.dip_iters=[1]",
-    "study.sampling_num=2",
+    "study.sampling_num_images=2",
     "study.common=[model.name=unet-tiny, dip.channels_down=8, dip.channels_up=8, "
     "dip.channels_skip=2, wandb.mode=disabled]",
     "study.train=[train.epochs=0.5, train.batch_size=16, train.warmup_images=16, "
-    "train.log_every_images=16, train.num_samples=4, train.sample_steps=2]",
+    "train.log_every_images=16, train.sample_num_images=4, train.sample_steps=2]",
     "study.fit_dip=[dip.num_images=2, 'dip.sigmas=[25]', dip.iters=4, dip.record_every=2, "
     "dip.batch_size=2, dip.es_window=2, dip.es_patience=2]",
-    "study.classifier=[classifier.max_steps=2, classifier.batch_size=16, 'classifier.floor_ns=[4]', "
-    "classifier.kid_subset=2, classifier.kid_subsets=2]",
+    "study.classifier=[classifier.max_steps=2, classifier.batch_size=16, "
+    "'classifier.floor_num_images=[4]', classifier.kid_subset_size=2, "
+    "classifier.kid_num_subsets=2]",
     "study.restore=[protocol.num_images=2, 'protocol.tasks=[denoise]', 'protocol.sigmas=[25]', "
     "'protocol.start_c=[1]', 'protocol.sigma_t0s=[0.3]', protocol.oracle_e=false, "
     "'protocol.steps=[2]', 'protocol.samplers=[ddim]', dip.iters=3, dip.batch_size=2, "
     "dip.es_window=2, dip.es_patience=2]",
-    "study.generation=[protocol.gen_num=4, 'protocol.gen_ddim_steps=[2]', protocol.gen_ddpm=false, "
-    "'protocol.gen_sigma_t0s=[0.5]', protocol.gen_steps=2, protocol.batch_size=4, dip.iters=3, "
-    "classifier.fid_num=4, classifier.kid_subset=2, classifier.kid_subsets=2]",
+    "study.generation=[protocol.gen_num_images=4, 'protocol.gen_ddim_steps=[2]', "
+    "protocol.gen_ddpm=false, 'protocol.gen_sigma_t0s=[0.5]', protocol.gen_steps=2, "
+    "protocol.batch_size=4, dip.iters=3, classifier.kid_subset_size=2, "
+    "classifier.kid_num_subsets=2]",
     "study.stages=[train, ablation_dip_iters, ablation_epochs, fit_dip, classifier, sampling, "
     "restore, generation]",
 ]
@@ -191,7 +193,7 @@ def test_micro_study_inline_writes_the_report_and_a_rerun_skips_everything(micro
     assert r.stdout.count("done, skipped") == len(stages)
     assert _stage_files(study) == stages
     # a changed setting reruns exactly the stages it reaches
-    r = run_module("jobs.study", *args, "study.sampling_num=3", timeout=300)
+    r = run_module("jobs.study", *args, "study.sampling_num_images=3", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("done, skipped") == len(stages) - 4
     assert _stage_files(study)["sampling/ddpm-T10"]["argv"] != stages["sampling/ddpm-T10"]["argv"]

@@ -174,7 +174,7 @@ def test_sample_job_from_noise_and_from_t0(full_run, tiny_shards, capsys):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        common = [*TINY, f"run.dir={full_run}", f"data.dir={tiny_shards}", "sample.num=5",
+        common = [*TINY, f"run.dir={full_run}", f"data.dir={tiny_shards}", "sample.num_images=5",
                   "sample.batch_size=3"]
         assert run_job(main, [*common, "sample.steps=3"]) == 0
         out = np.load(full_run / "samples" / "ddim-3steps-eta0-t050-n5.npz")
@@ -201,7 +201,7 @@ def test_sample_job_logs_its_run_and_under_slurm_prints_few_progress_lines(full_
                                                                           tmp_path):
     out = tmp_path / "drawn"
     r = run_module("jobs.sample", *TINY, f"run.dir={out}", f"sample.checkpoint={full_run}",
-                   f"data.dir={tiny_shards}", "sample.num=6", "sample.batch_size=2",
+                   f"data.dir={tiny_shards}", "sample.num_images=6", "sample.batch_size=2",
                    "sample.sampler=ddpm", "wandb.mode=offline",
                    env={**ONE_THREAD, "SLURM_JOB_ID": "123"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -212,7 +212,7 @@ def test_sample_job_logs_its_run_and_under_slurm_prints_few_progress_lines(full_
     assert "\r" not in r.stderr
     tag = out / "samples" / "ddpm-50steps-eta0-t050-n6"
     w = read_wandb_offline(tag)
-    assert w["job_type"] == "sample" and w["config"]["sample"]["num"] == 6
+    assert w["job_type"] == "sample" and w["config"]["sample"]["num_images"] == 6
     assert [(h["_step"], h["images"], h["nfe"]) for h in w["history"] if "images" in h] == \
         [(0, 2, 50), (1, 4, 50), (2, 6, 50)]
     assert w["summary"]["nfe_per_sample"] == 50 and "samples" in w["history"][-1]
@@ -287,7 +287,7 @@ def test_a_resume_on_an_epoch_boundary_logs_every_line_once(tiny_shards, tmp_pat
     folder; the rerun resumes from 8, cuts what came after it, and logs each line once: with
     the rows count the checkpoint records, and from a checkpoint written before it did."""
     run = tmp_path / "run"
-    train(run, tiny_shards, "train.max_steps=10", "train.num_samples=0")
+    train(run, tiny_shards, "train.max_steps=10", "train.sample_num_images=0")
     first = read_jsonl(run / "metrics.jsonl")
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["img-000000000064", "img-000000000080"]
@@ -299,7 +299,7 @@ def test_a_resume_on_an_epoch_boundary_logs_every_line_once(tiny_shards, tmp_pat
             state = json.loads(state_file.read_text())
             state.pop("metrics_rows")
             state_file.write_text(json.dumps(state))
-        r = train(run, tiny_shards, "train.max_steps=10", "train.num_samples=0")
+        r = train(run, tiny_shards, "train.max_steps=10", "train.sample_num_images=0")
         assert "resumed from img-000000000064" in r.stdout
         again = read_jsonl(run / "metrics.jsonl")
         assert [(m["step"], m["epoch"]) for m in again if "epoch_time_s" in m] == [(8, 1)]

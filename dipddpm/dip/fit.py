@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.optim.adam import adam as adam_functional
 
+from dipddpm.config import DIPConfig
 from dipddpm.dip.metrics import psnr
 from dipddpm.dip.seeds import hash_normal, hash_uniform, sample_seed
 from dipddpm.dip.stopping import EsWmv
@@ -48,26 +49,32 @@ BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as in the DIP author's code
 EPS = 1e-8
 
 
+_DIP = DIPConfig()  # the schema's defaults: the one place the fitting defaults are written
+
+
 @dataclass(frozen=True)
 class FitSettings:
-    input_scale: float = 0.1
-    reg_noise_std: float = 1.0 / 30
-    lr: float = 0.01
-    iters: int = 3000
-    exp_weight: float = 0.99
-    backtrack_db: float = 5.0  # 0 turns backtracking off
-    snapshot_every: int = 10
-    stop: str = "budget"  # or "es_wmv": each net stops on its own ES-WMV signal
-    es_window: int = 100
-    es_patience: int = 1000  # the paper's
+    """How each net is fitted: the fitting keys of the `dip` config section (their meaning and
+    defaults are DIPConfig's) plus `es_decide`. Its repr is part of a fit cache's fingerprint
+    (`batch_fingerprint`), so a field added here must leave the repr of older settings alone."""
+    input_scale: float = _DIP.input_scale
+    reg_noise_std: float = _DIP.reg_noise_std
+    lr: float = _DIP.lr
+    iters: int = _DIP.iters
+    exp_weight: float = _DIP.exp_weight
+    backtrack_db: float = _DIP.backtrack_db  # 0 turns backtracking off
+    snapshot_every: int = _DIP.snapshot_every
+    stop: str = _DIP.stop  # or "es_wmv": each net stops on its own ES-WMV signal
+    es_window: int = _DIP.es_window
+    es_patience: int = _DIP.es_patience
     # budget fits only: a net runs on past `iters` until ES-WMV has decided (at most
     # iters + es_patience iterations), so ES-WMV's pick and cost are the published rule's, not
     # cut at the budget; the budget estimate is still the one at `iters`
     es_decide: bool = False
     # fit_batch's network evaluation (dipddpm.models.dip): how the B nets' 3x3 convolutions
     # run, and the compute precision ("auto": bf16 where native, see dipddpm.precision)
-    formulation: str = "grouped"
-    precision: str = "fp32"
+    formulation: str = _DIP.formulation
+    precision: str = _DIP.precision
 
     @classmethod
     def from_config(cls, dip, **overrides) -> "FitSettings":
@@ -131,7 +138,9 @@ def jittered(z: torch.Tensor, seeds, t: int, s: FitSettings) -> torch.Tensor:
 class _Monitor:
     """EMA, PSNR records, ES-WMV, the oracle picks and stop decisions of the nets still
     running (`active`: their indices into the batch). Per-net images live in full-batch
-    tensors written at the active nets' rows, so a net that stops keeps what it had."""
+    tensors written at the active nets' rows, so a net that stops keeps what it had; what is
+    kept only for the running nets (active, the output EMA, ES-WMV's window) is cut by
+    `select(keep)`, as `_Nets.select` cuts the nets."""
 
     def __init__(self, y, mask, clean, s: FitSettings):
         b, dev = y.shape[0], y.device
@@ -290,24 +299,57 @@ def fit_single(y, mask, clean, seed: int, spec: SkipSpec, s: FitSettings, *,
 # ----------------------------------------------------------------------------- B nets at once
 
 
-class _Stack:
-    """Parameters, Adam moments and snapshots of A nets, each tensor [A*rows, ...]."""
+class _Nets:
+    """The running nets of a batch (A of them) and everything fit_batch keeps per net besides
+    the monitor's records: parameters, Adam moments and step counts (each tensor [A*rows, ...]),
+    the last snapshot of all three, and per net its seed, its input z, `ref` (the PSNR to the
+    observation of its last accepted iteration, which backtracking compares against; NaN
+    before the first) and `snap_ref` (that PSNR at the snapshot). `select(keep)` cuts all of
+    it to the nets that go on."""
 
-    def __init__(self, params: dict[str, torch.Tensor], a: int):
-        self.a = a
+    def __init__(self, params: dict[str, torch.Tensor], seeds: torch.Tensor, z: torch.Tensor):
+        self.a = len(seeds)
         self.p = params
         self.m = {n: torch.zeros_like(t) for n, t in params.items()}
         self.v = {n: torch.zeros_like(t) for n, t in params.items()}
-        self.steps = torch.zeros(a, dtype=torch.int64)  # per-net Adam step count
+        self.steps = torch.zeros(self.a, dtype=torch.int64)  # per-net Adam step count
         self.snap: Optional[tuple] = None
+        self.seeds, self.z = seeds, z
+        self.ref = torch.full((self.a,), math.nan, dtype=torch.float64, device=z.device)
+        self.snap_ref = self.ref.clone()
 
     def tensors(self):
         return (self.p, self.m, self.v)
 
-    def rows(self, t: torch.Tensor) -> torch.Tensor:
+    def per_net(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(self.a, -1)
 
-    def take_snapshot(self):
+    def inputs(self, t: int, s: FitSettings) -> torch.Tensor:
+        """Iteration t's input of every net: its z plus that iteration's jitter."""
+        return jittered(self.z, self.seeds, t, s)
+
+    def backtrack(self, obs: torch.Tensor, db: float) -> torch.Tensor:
+        """Restore the snapshot of every net whose PSNR to the observation (obs, float64) fell
+        more than db below its reference (db 0: never), and accept the others' iteration (obs
+        becomes their reference). Returns the nets restored (bool [A])."""
+        if db > 0:
+            bad = obs < self.ref - db  # False where ref is NaN
+        else:
+            bad = torch.zeros(self.a, dtype=torch.bool, device=obs.device)
+        ref = self.ref
+        if bad.any():
+            with torch.no_grad():
+                for d, sd in zip(self.tensors(), self.snap):
+                    for n in d:
+                        self.per_net(d[n])[bad] = self.per_net(sd[n])[bad]
+            self.steps[bad.cpu()] = self.snap_steps[bad.cpu()]
+            ref = torch.where(bad, self.snap_ref, ref)
+        self.ref = torch.where(~bad, obs, ref)
+        return bad
+
+    def take_snapshot(self, good: torch.Tensor, obs: torch.Tensor) -> None:
+        """Snapshot every net as it is now; the nets of this iteration (`good`) with obs as the
+        snapshot's PSNR, the restored ones with the snapshot's they had."""
         if self.snap is None:
             self.snap = tuple({n: t.detach().clone() for n, t in d.items()} for d in self.tensors())
         else:
@@ -315,17 +357,11 @@ class _Stack:
                 for n in d:
                     sd[n].copy_(d[n].detach())
         self.snap_steps = self.steps.clone()
-
-    def restore(self, bad: torch.Tensor):
-        with torch.no_grad():
-            for d, sd in zip(self.tensors(), self.snap):
-                for n in d:
-                    self.rows(d[n])[bad] = self.rows(sd[n])[bad]
-        self.steps[bad.cpu()] = self.snap_steps[bad.cpu()]
+        self.snap_ref = torch.where(good, obs, self.snap_ref)
 
     def select(self, keep: torch.Tensor):
         def sel(t):
-            return self.rows(t)[keep].reshape(-1, *t.shape[1:]).contiguous()
+            return self.per_net(t)[keep].reshape(-1, *t.shape[1:]).contiguous()
         n_keep = len(keep)
         self.p = {n: sel(t.detach()).requires_grad_(True) for n, t in self.p.items()}
         self.m = {n: sel(t) for n, t in self.m.items()}
@@ -334,6 +370,8 @@ class _Stack:
             self.snap = tuple({n: sel(t) for n, t in d.items()} for d in self.snap)
             self.snap_steps = self.snap_steps[keep.cpu()]
         self.steps = self.steps[keep.cpu()]
+        self.seeds, self.z = self.seeds[keep], self.z[keep]
+        self.ref, self.snap_ref = self.ref[keep], self.snap_ref[keep]
         self.a = n_keep
 
     def adam_step(self, grads: dict[str, torch.Tensor], good: torch.Tensor, lr: float):
@@ -353,8 +391,8 @@ class _Stack:
             st = [torch.tensor(float(steps[0])) for _ in names]
         else:
             ps, gs, ms, vs, st = [], [], [], [], []
-            rows = {n: (self.rows(self.p[n].detach()), self.rows(grads[n]),
-                        self.rows(self.m[n]), self.rows(self.v[n])) for n in names}
+            rows = {n: (self.per_net(self.p[n].detach()), self.per_net(grads[n]),
+                        self.per_net(self.m[n]), self.per_net(self.v[n])) for n in names}
             for b in idx:
                 for n in names:
                     p, g, m, v = rows[n]
@@ -380,46 +418,33 @@ def fit_batch(y, mask, clean, seeds: Sequence[int], spec: SkipSpec, s: FitSettin
         raise ValueError(f"{len(seeds)} seeds for {y.shape[0]} observations")
     template = make_net(spec, seeds[0])  # structure only; its own parameters are not used
     params = stack_params([make_net(spec, sd) for sd in seeds])
-    stack = _Stack({n: t.to(device, dtype).requires_grad_(True) for n, t in params.items()}, b)
-    del params
     h, w = y.shape[2:]
     cin, cout = spec.in_channels, spec.out_channels
     seed_t = torch.tensor(list(seeds), dtype=torch.int64, device=device)
+    nets = _Nets({n: t.to(device, dtype).requires_grad_(True) for n, t in params.items()},
+                 seed_t, net_input(seed_t, (cin, h, w), s, dtype, device))
+    del params
     mon = _Monitor(y, mask, clean, s)
     backtracks = torch.zeros(b, dtype=torch.int64, device=device)
-    # the running nets' own rows, cut together when nets stop (the parameters and Adam state
-    # are cut by stack.select, the records by mon.select); ref NaN: nothing to compare yet
-    nan = torch.full((b,), math.nan, dtype=torch.float64, device=device)
-    rows = {"seed": seed_t, "z": net_input(seed_t, (cin, h, w), s, dtype, device),
-            "ref": nan, "snap_ref": nan.clone()}
     low = compute_dtype(s.precision, device)  # None: the nets compute in `dtype`
     low = None if low == torch.float32 else low
     for t in range(mon.length):
         a_idx = mon.active
-        na = stack.a
-        x = jittered(rows["z"], rows["seed"], t, s).reshape(1, na * cin, h, w)
-        out = grouped_forward(template, stack.p, x, na, s.formulation,
+        na = nets.a
+        x = nets.inputs(t, s).reshape(1, na * cin, h, w)
+        out = grouped_forward(template, nets.p, x, na, s.formulation,
                               low).reshape(na, cout, h, w)
         loss = (((out - y[a_idx]) ** 2) * mask[a_idx]).mean((1, 2, 3)).sum()
-        names = list(stack.p)
-        grads = dict(zip(names, torch.autograd.grad(loss, [stack.p[n] for n in names])))
+        names = list(nets.p)
+        grads = dict(zip(names, torch.autograd.grad(loss, [nets.p[n] for n in names])))
         obs, stop = mon.observe(t, out.detach())
         obs = obs.to(torch.float64)
-        ref = rows["ref"]
-        if s.backtrack_db > 0:
-            bad = obs < ref - s.backtrack_db  # False where ref is NaN
-        else:
-            bad = torch.zeros(na, dtype=torch.bool, device=device)
-        if bad.any():
-            stack.restore(bad)
-            ref = torch.where(bad, rows["snap_ref"], ref)
-            backtracks[a_idx[bad]] += 1
+        bad = nets.backtrack(obs, s.backtrack_db)
+        backtracks[a_idx[bad]] += 1
         good = ~bad
-        rows["ref"] = torch.where(good, obs, ref)
         if t % s.snapshot_every == 0:
-            stack.take_snapshot()
-            rows["snap_ref"] = torch.where(good, obs, rows["snap_ref"])
-        stack.adam_step(grads, good, s.lr)
+            nets.take_snapshot(good, obs)
+        nets.adam_step(grads, good, s.lr)
         del grads
         if on_iter is not None:
             on_iter(t)
@@ -427,9 +452,8 @@ def fit_batch(y, mask, clean, seeds: Sequence[int], spec: SkipSpec, s: FitSettin
             keep = torch.nonzero(~stop).flatten()
             if len(keep) == 0:
                 break
-            mon.select(keep)
-            stack.select(keep)
-            rows = {k: v[keep] for k, v in rows.items()}
+            for running in (mon, nets):  # every per-net state of the running nets, cut together
+                running.select(keep)
     return mon.result(backtracks, time.perf_counter() - start)
 
 

@@ -13,10 +13,11 @@ PSNRs are of x0_hat against the observation (masked) and the clean image.
 Done means: the tar is renamed into place and `entries/<shard>.json` (count, sha256, means,
 settings fingerprint) is written; `manifest.json` is rebuilt from all entries under a file
 lock, so array tasks finishing together do not lose each other's entries. A rerun skips shards
-whose entry matches the settings and whose tar verifies. Inside a shard, every finished
-sub-batch of `priors.sub_batch` images is saved to `.partial/<shard>/`, and a killed task
-resumes after the last one; the result is identical because each net's randomness depends
-only on its sample key.
+whose entry matches the settings and whose tar verifies. Inside a shard, every finished batch
+of `dip.batch_size` images (nets fitted at once) is saved to `.partial/<shard>/`, named by the
+rows it holds, and a killed task resumes after the last one; the result is identical because
+each net's randomness depends only on its sample key. (A rerun with another dip.batch_size
+fits its own batches; its priors agree up to float rounding, as any batching's do.)
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from dipddpm.data.stream import read_shards
 from dipddpm.dip.degrade import degrade
 from dipddpm.dip.fit import FitSettings, fit_by_key
 from dipddpm.dip.metrics import psnr
-from dipddpm.dip.study import SWEEP_KEYS
+from dipddpm.dip.table import SWEEP_KEYS
 from dipddpm.models.dip import SkipSpec
 from dipddpm.progress import bar as progress_bar
 from dipddpm.runs import atomic_path, atomic_write_json, read_json
@@ -65,7 +66,7 @@ def prior_dip_keys() -> list[str]:
 
 
 # the keys the priors job's results depend on (its run dir's rerun check)
-READS = ("run", "data.dir", "priors.name", "priors.split", "priors.sub_batch",
+READS = ("run", "data.dir", "priors.name", "priors.split",
          *(f"dip.{k}" for k in prior_dip_keys()))
 
 
@@ -129,7 +130,7 @@ def _write_prior_tar(path: Path, keys: list[str], part: dict) -> None:
             os.fsync(f.fileno())
 
 
-def _fit_sub_batch(cfg: Config, clean: np.ndarray, keys: list[str], device,
+def _fit_batch(cfg: Config, clean: np.ndarray, keys: list[str], device,
                    bar: Optional[tqdm]) -> dict:
     dip = cfg.dip
     # the restoration protocol's observation model, so that it can use these priors
@@ -166,26 +167,26 @@ def precompute_shard(cfg: Config, entry: dict, settings: dict, *, device="cpu",
     clean = images.astype(np.float32)[:, None] / 255.0
     partial = out / ".partial" / stem
     if partial.exists() and not (partial / f"settings-{fp}").exists():
-        shutil.rmtree(partial)  # sub-batches of other settings: not ours to reuse
+        shutil.rmtree(partial)  # batches of other settings: not ours to reuse
     partial.mkdir(parents=True, exist_ok=True)
     (partial / f"settings-{fp}").touch()
 
     start = time.perf_counter()
-    sb = cfg.priors.sub_batch
-    bounds = [(lo, min(lo + sb, len(keys))) for lo in range(0, len(keys), sb)]
+    bs = cfg.dip.batch_size
+    bounds = [(lo, min(lo + bs, len(keys))) for lo in range(0, len(keys), bs)]
     total = len(keys) * cfg.dip.iters
     bar = progress_bar(total, f"priors {name}", unit="img-it", disable=not progress,
                        unit_scale=True)
     parts = []
     fitted = 0
-    for i, (lo, hi) in enumerate(bounds):
-        path = partial / f"{i:04d}.npz"
+    for lo, hi in bounds:
+        path = partial / f"{lo:06d}-{hi:06d}.npz"  # by rows: a rerun may batch differently
         if path.exists():
             with np.load(path) as z:
                 parts.append({k: z[k] for k in z.files})
             bar.update((hi - lo) * cfg.dip.iters)
             continue
-        part = _fit_sub_batch(cfg, clean[lo:hi], keys[lo:hi], device, bar)
+        part = _fit_batch(cfg, clean[lo:hi], keys[lo:hi], device, bar)
         fitted += hi - lo
         with atomic_path(path, suffix=".npz") as tmp:
             np.savez(tmp, **part)

@@ -140,7 +140,7 @@ def train_stats(clf, data_dir) -> tuple[np.ndarray, np.ndarray, int]:
                         lambda: split_features(clf, data_dir, "train"))
 
 
-def sample_metrics(clf, data_dir, images, kid_subset: int = 1000, kid_subsets: int = 100,
+def sample_metrics(clf, data_dir, images, kid_subset_size: int = 1000, kid_num_subsets: int = 100,
                    seed: int = 0) -> dict:
     """FID against the whole train split's statistics and KID against the train features.
 
@@ -149,15 +149,15 @@ def sample_metrics(clf, data_dir, images, kid_subset: int = 1000, kid_subsets: i
     """
     feats = clf.features(images)
     mu, sigma, n_train = train_stats(clf, data_dir)
-    k_mean, k_std = kid(feats, split_features(clf, data_dir, "train"), kid_subset, kid_subsets,
-                        seed)
+    k_mean, k_std = kid(feats, split_features(clf, data_dir, "train"), kid_subset_size,
+                        kid_num_subsets, seed)
     return {"n": len(feats), "fid": frechet_distance(*feature_stats(feats), mu, sigma),
             "kid": k_mean, "kid_std": k_std, "reference": f"train ({n_train} images)",
             "classifier_sha256": clf.sha256}
 
 
-def real_vs_real_floor(clf, data_dir, n: int, seed: int = 0, kid_subset: int = 1000,
-                       kid_subsets: int = 100) -> dict:
+def real_vs_real_floor(clf, data_dir, n: int, seed: int = 0, kid_subset_size: int = 1000,
+                       kid_num_subsets: int = 100) -> dict:
     """The FID a perfect generator would get at N: real test images vs real train images.
 
     fid:           N test images vs N other (train) images: two disjoint real sets of N.
@@ -166,7 +166,7 @@ def real_vs_real_floor(clf, data_dir, n: int, seed: int = 0, kid_subset: int = 1
     kid:           N test vs N train images (unbiased: ~0 up to noise).
     """
     cache = Path(clf.dir) / f"{cache_tag(clf.sha256)}floors.json"
-    key = f"n={n},seed={seed},kid={kid_subset}x{kid_subsets}"
+    key = f"n={n},seed={seed},kid={kid_subset_size}x{kid_num_subsets}"
     floors = _read_floors(cache)
     if key in floors:
         return floors[key]
@@ -179,7 +179,7 @@ def real_vs_real_floor(clf, data_dir, n: int, seed: int = 0, kid_subset: int = 1
     a = test[rng.choice(len(test), n, replace=False)]
     b = train[rng.choice(len(train), n, replace=False)]
     mu, sigma, _ = train_stats(clf, data_dir)
-    k_mean, k_std = kid(a, b, kid_subset, kid_subsets, seed)
+    k_mean, k_std = kid(a, b, kid_subset_size, kid_num_subsets, seed)
     result = {"n": n, "fid": fid_from_features(a, b),
               "fid_vs_train": frechet_distance(*feature_stats(a), mu, sigma),
               "kid": k_mean, "kid_std": k_std, "seed": seed, "classifier_sha256": clf.sha256}

@@ -36,7 +36,7 @@ from dipddpm.protocols.generation import draw
 from dipddpm.runs import (RESULTS_FILE, atomic_write_json, prepare_run_dir, read_json)
 from dipddpm.tracking import Tracker
 from dipddpm.train.checkpoint import SNAPSHOTS_DIR
-from dipddpm.train.generate import load_trained
+from dipddpm.train.sampling import load_trained
 
 PLATEAU = 0.10  # within 10% of the best snapshot's FID
 GRID = 64  # samples in each snapshot's grid
@@ -72,8 +72,9 @@ def fid_curve(cfg: Config, run_dir: Path, device=None, log=print) -> dict:
     clf = load_classifier(classifier_dir(cfg), device or "cpu")
     n_train = load_manifest(cfg.data.dir)["splits"]["train"]["count"]
     n = p.curve_num_images
-    floor = real_vs_real_floor(clf, cfg.data.dir, n, seed=cfg.run.seed, kid_subset=c.kid_subset,
-                               kid_subsets=c.kid_subsets)
+    floor = real_vs_real_floor(clf, cfg.data.dir, n, seed=cfg.run.seed,
+                               kid_subset_size=c.kid_subset_size,
+                               kid_num_subsets=c.kid_num_subsets)
     points = []
     for images_seen, weights in bar(len(picked), "snapshots", iterable=picked, unit="weights"):
         done = run_dir / "points" / f"{weights.stem}.json"
@@ -84,7 +85,7 @@ def fid_curve(cfg: Config, run_dir: Path, device=None, log=print) -> dict:
         dev = next(model.parameters()).device
         x, nfe, seconds = draw(model, diffusion, n, p.batch_size, cfg.run.seed, dev,
                                sampler="ddim", steps=p.curve_steps)
-        m = sample_metrics(clf, cfg.data.dir, x, c.kid_subset, c.kid_subsets, cfg.run.seed)
+        m = sample_metrics(clf, cfg.data.dir, x, c.kid_subset_size, c.kid_num_subsets, cfg.run.seed)
         grid = f"samples/{weights.stem}.png"
         save_grid(x[:GRID], run_dir / grid)
         step = int(torch.load(weights, map_location="cpu", weights_only=True).get("step", 0))

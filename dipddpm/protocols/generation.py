@@ -5,21 +5,22 @@ what the FID measures. The protocol therefore runs three sources of DIP starts, 
 to a noise level sigma_t0 and then denoised by DDIM with protocol.gen_steps steps (CCDF /
 SDEdit), beside the baselines from pure noise at equal NFE:
 
-- train: DIP estimates of the first gen_num TRAINING images (fitted to their cfg.dip
+- train: DIP estimates of the first gen_num_images TRAINING images (fitted to their cfg.dip
   degradation, or read from protocol.gen_priors_dir). Their samples tend to come back as noisy
   copies of those images, which an FID against the training statistics rewards. The clean
   training image itself, diffused to the same sigma_t0 and run through the same chain
   (`clean_start`), is the zero-cost control: a DIP start that does not beat it adds nothing
   but its fitting time.
-- heldout: the same for the first gen_num TEST images (`protocol.gen_heldout_priors_dir`, or
-  fitted here). Their FID is also taken against held-out statistics that EXCLUDE them: the
-  test split minus these images (`heldout_reference`), so a sample that copies its start image
-  gains nothing there. `clean_start` is again the zero-cost control.
-- data_free: no image at all. The DIP net of each of gen_num keys `noise-000000`, ... either
-  untrained (protocol.gen_data_free_iters = 0: its output for its fixed input, one forward) or
-  fitted for k iterations to a target of pure U[0, 1) noise (k = gen_data_free_iters), exactly
-  as the DIP fits an image. It asks whether the net's output itself is a better start than
-  Gaussian noise.
+- heldout: the same for the first gen_num_images TEST images
+  (`protocol.gen_heldout_priors_dir`, or fitted here). Their FID is also taken against
+  held-out statistics that EXCLUDE them: the test split minus these images
+  (`heldout_reference`), so a sample that copies its start image gains nothing there.
+  `clean_start` is again the zero-cost control.
+- data_free: no image at all. The DIP net of each of gen_num_images keys `noise-000000`, ...
+  either untrained (protocol.gen_data_free_iters = 0: its output for its fixed input, one
+  forward) or fitted for k iterations to a target of pure U[0, 1) noise
+  (k = gen_data_free_iters), exactly as the DIP fits an image. It asks whether the net's
+  output itself is a better start than Gaussian noise.
 
 Noise levels, not indices. A start is given by sigma_t0 in [-1, 1] units
 (protocol.gen_sigma_t0s): the chain starts at the 1-indexed t0 whose noise-to-signal ratio s_t =
@@ -35,7 +36,7 @@ NFE a start row has (NFE = min(gen_steps, t0)), so every start has both baseline
 plus the full T-step DDPM when protocol.gen_ddpm. Every chain of the run draws its start noise
 from the same per-batch seeds (common random numbers across arms).
 
-FID/KID against two references, each with its real-vs-real floor at N = gen_num:
+FID/KID against two references, each with its real-vs-real floor at N = gen_num_images:
 - train: the whole train split's statistics (`fid`, `kid`, `kid_std`); floor `floor`: N random
   test images against them (`fid_vs_train`; `fid` there is two disjoint real sets of N).
 - heldout: the test split minus the held-out start images (`fid_heldout`, `kid_heldout`,
@@ -43,10 +44,10 @@ FID/KID against two references, each with its real-vs-real floor at N = gen_num:
 Features come from the project's FashionMNIST classifier (jobs.train_classifier), so the
 numbers compare only with numbers from the same classifier. With classifier.inception_weights
 set, every arm and `floor` also get "fid_inception": FID on the FID Inception's pool features
-(torch-fidelity, weights from that local file) against the first classifier.inception_ref_num
-train images (dipddpm/evaluate/inception.py; on the published scale only with the standard
-weights file, which results["inception"]["standard"] records); without it the results carry no
-such key.
+(torch-fidelity, weights from that local file) against the first
+classifier.inception_ref_num_images train images (dipddpm/evaluate/inception.py; on the
+published scale only with the standard weights file, which results["inception"]["standard"]
+records); without it the results carry no such key.
 
 Memorisation (`dipddpm.evaluate.memorisation_check`, summaries without per-sample lists) beside
 every row that starts from data (dip_estimate, dip_start, clean_start of train and heldout),
@@ -122,7 +123,7 @@ from dipddpm.protocols.arms import CountingModel, ETA, start_at, to_diffusion
 from dipddpm.runs import (RESULTS_FILE, SAMPLES_DIR, atomic_path, atomic_write_json,
                           atomic_write_text, prepare_run_dir, read_json)
 from dipddpm.tracking import Tracker
-from dipddpm.train.generate import load_trained
+from dipddpm.train.sampling import load_trained
 
 SOURCE_SPLIT = {"train": "train", "heldout": "test"}
 COLUMNS = ["arm", "source", "sigma_t0", "sigma_t0_realised", "t0", "steps", "nfe", "dip_iters",
@@ -201,12 +202,12 @@ def prior_estimates(folder: str, key: str, split: str, keys: list[str]):
 
 
 def data_source(cfg: Config, name: str, device) -> Source:
-    """The train or heldout source: the first gen_num images of its split and their DIP
+    """The train or heldout source: the first gen_num_images images of its split and their DIP
     estimates (fitted to cfg.dip's degradation of each image, or from the priors dir)."""
 
     p = cfg.protocol
     split = SOURCE_SPLIT[name]
-    clean, keys = first_images(cfg.data.dir, split, p.gen_num, "protocol.gen_num")
+    clean, keys = first_images(cfg.data.dir, split, p.gen_num_images, "protocol.gen_num_images")
     folder, key = (p.gen_priors_dir, "protocol.gen_priors_dir") if name == "train" else \
         (p.gen_heldout_priors_dir, "protocol.gen_heldout_priors_dir")
     if folder:
@@ -221,10 +222,11 @@ def data_source(cfg: Config, name: str, device) -> Source:
 
 
 def data_free_source(cfg: Config, device) -> Source:
-    """gen_num DIP outputs made without any image: each key's net untrained (k = 0: its output
-    for its fixed input z, no jitter) or fitted k iterations to a U[0, 1) noise target."""
+    """gen_num_images DIP outputs made without any image: each key's net untrained (k = 0: its
+    output for its fixed input z, no jitter) or fitted k iterations to a U[0, 1) noise
+    target."""
 
-    n, k = cfg.protocol.gen_num, cfg.protocol.gen_data_free_iters
+    n, k = cfg.protocol.gen_num_images, cfg.protocol.gen_data_free_iters
     keys = [f"noise-{i:06d}" for i in range(n)]
     if k > 0:
         target = np.stack([np.random.default_rng(sample_seed(cfg.run.seed, key, DATA_FREE_TARGET))
@@ -256,8 +258,8 @@ def heldout_reference(clf, data_dir, n: int) -> tuple[np.ndarray, list[str], lis
     _, _, keys = load_split(data_dir, "test")
     feats = split_features(clf, data_dir, "test")  # index order, as load_split's keys
     if len(keys) - n < 2:
-        raise ConfigError(f"protocol.gen_num = {n}: the held-out reference is the test split "
-                          f"without the first {n} images, and the test split has {len(keys)}")
+        raise ConfigError(f"protocol.gen_num_images = {n}: the held-out reference is the test "
+                          f"split without the first {n} images, and the test split has {len(keys)}")
     return feats[n:], list(keys[n:]), list(keys[:n])
 
 
@@ -269,22 +271,22 @@ class Reference:
     sigma: np.ndarray
 
 
-def fid_kid(feats: np.ndarray, ref: Reference, kid_subset: int, kid_subsets: int,
+def fid_kid(feats: np.ndarray, ref: Reference, kid_subset_size: int, kid_num_subsets: int,
             seed: int) -> tuple[float, float, float]:
     """(FID, KID, KID std) of features against a reference."""
 
-    k_mean, k_std = kid(feats, ref.features, kid_subset, kid_subsets, seed)
+    k_mean, k_std = kid(feats, ref.features, kid_subset_size, kid_num_subsets, seed)
     return frechet_distance(*feature_stats(feats), ref.mu, ref.sigma), k_mean, k_std
 
 
-def heldout_floor(clf, data_dir, ref: Reference, n: int, kid_subset: int, kid_subsets: int,
+def heldout_floor(clf, data_dir, ref: Reference, n: int, kid_subset_size: int, kid_num_subsets: int,
                   seed: int) -> dict:
     """The real-vs-real floor of the held-out reference at N: n random train images (real,
     and outside the reference) against it."""
 
     train = split_features(clf, data_dir, "train")
     a = train[np.random.default_rng(seed).choice(len(train), n, replace=False)]
-    fid, k_mean, k_std = fid_kid(a, ref, kid_subset, kid_subsets, seed)
+    fid, k_mean, k_std = fid_kid(a, ref, kid_subset_size, kid_num_subsets, seed)
     return {"n": n, "fid": fid, "kid": k_mean, "kid_std": k_std,
             "real": f"{n} random train images", "seed": seed}
 
@@ -384,9 +386,9 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
 
     p, data_dir, seed = cfg.protocol, cfg.data.dir, cfg.run.seed
     check_retired(cfg)
-    n, T, bs = p.gen_num, diffusion.T, p.batch_size
+    n, T, bs = p.gen_num_images, diffusion.T, p.batch_size
     c = cfg.classifier
-    kid_subset = min(c.kid_subset, n)
+    kid_subset_size = min(c.kid_subset_size, n)
     inc = None
     if c.inception_weights:  # loaded first: a bad weights file fails before any real work
         inc = load_inception(c.inception_weights, device, c.inception_batch_size)
@@ -395,12 +397,12 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
     mu, sigma, n_train = train_stats(clf, data_dir)
     refs = [Reference("train", split_features(clf, data_dir, "train"), mu, sigma),
             Reference("heldout", ho_feats, *feature_stats(ho_feats))]
-    floor = real_vs_real_floor(clf, data_dir, n, seed=seed, kid_subset=kid_subset,
-                               kid_subsets=c.kid_subsets)
+    floor = real_vs_real_floor(clf, data_dir, n, seed=seed, kid_subset_size=kid_subset_size,
+                               kid_num_subsets=c.kid_num_subsets)
     if inc is not None:
         floor = {**floor, "fid_inception": floor_fid(inc, data_dir, inc_dir, n,
-                                                     c.inception_ref_num, seed)}
-    floor_ho = heldout_floor(clf, data_dir, refs[1], n, kid_subset, c.kid_subsets, seed)
+                                                     c.inception_ref_num_images, seed)}
+    floor_ho = heldout_floor(clf, data_dir, refs[1], n, kid_subset_size, c.kid_num_subsets, seed)
     log(f"floors at N = {n}: FID {floor['fid_vs_train']:.2f} vs train, "
         f"{floor_ho['fid']:.2f} vs held-out ({len(ho_keys)} test images)")
     arms, skipped = [], []
@@ -419,7 +421,7 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
         for ref in refs:  # fid, kid, kid_std vs train; fid_heldout, ... vs the held-out reference
             suffix = "" if ref.name == "train" else f"_{ref.name}"
             row[f"fid{suffix}"], row[f"kid{suffix}"], row[f"kid_std{suffix}"] = \
-                fid_kid(feats, ref, kid_subset, c.kid_subsets, seed)
+                fid_kid(feats, ref, kid_subset_size, c.kid_num_subsets, seed)
         tag = _tag(row)
         save_grid(x[:64], run_dir / SAMPLES_DIR / f"{tag}.png")
         row["grid"] = f"{SAMPLES_DIR}/{tag}.png"
@@ -429,7 +431,8 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
                 run_dir / MEMORISATION_DIR / f"{tag}.npz", mem.pop("_distances"))
         extra = ""
         if inc is not None:
-            row["fid_inception"] = inception_fid(inc, data_dir, inc_dir, x, c.inception_ref_num)
+            row["fid_inception"] = inception_fid(inc, data_dir, inc_dir, x,
+                                                 c.inception_ref_num_images)
             extra = f"  Inception FID {row['fid_inception']:.2f}"
         arms.append(row)
         log(f"  {tag:<28} nfe={nfe:<5} FID {row['fid']:.2f} train / "
@@ -497,7 +500,7 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
                "skipped": skipped, "arms": arms}
     if inc is not None:
         results["inception"] = {"weights": str(inc.path), "sha256": inc.sha256,
-                                "ref_num": c.inception_ref_num, "standard": inc.standard}
+                                "ref_num": c.inception_ref_num_images, "standard": inc.standard}
     return results
 
 

@@ -122,7 +122,7 @@ from dipddpm.protocols.arms import (cheap_estimate, direct_start, oracle_error, 
 from dipddpm.runs import (RESULTS_FILE, atomic_write_json, atomic_write_text, prepare_run_dir,
                           read_json)
 from dipddpm.tracking import Tracker
-from dipddpm.train.generate import load_trained
+from dipddpm.train.sampling import load_trained
 
 MAX_DB = 100.0
 BASELINE_ARMS = ("observation", "cheap", "direct", "cheap_start", "noise_start")
@@ -211,7 +211,8 @@ START_PICK = {"budget": ("budget", "ema"), "es_wmv": ("es_wmv", "raw"),
               "oracle": ("oracle", "best")}
 
 
-def fit_dip(cfg: Config, clean, keys, y, mask, device, es_decide: bool = False) -> DipEstimate:
+def dip_estimates(cfg: Config, clean, keys, y, mask, device,
+                  es_decide: bool = False) -> DipEstimate:
     """Fit one DIP per image to the observation (dip.batch_size nets at once) to the budget,
     and with es_decide on until ES-WMV has decided (at most dip.es_patience more iterations;
     without it, ES-WMV's picks are those it had at the budget, not all decided); every pick is
@@ -524,7 +525,7 @@ def run_task(cfg: Config, model, diffusion: Diffusion, clean_np, keys, task, sig
     if dip is None:
         if why:
             log(f"{task_name(task, sigma)}: not using protocol.priors_dir ({why})")
-        dip = fit_dip(cfg, clean_np, keys, y_np, mask_np, device, es_decide=True)
+        dip = dip_estimates(cfg, clean_np, keys, y_np, mask_np, device, es_decide=True)
     log(f"{task_name(task, sigma)}: DIP estimates {dip.source}, "
         f"{dip.seconds_per_iteration * 1e3:.2f} ms per image-iteration")
     t_rest = time.perf_counter()

@@ -2,7 +2,7 @@
 
 A run dir is a folder with config.yaml. What it is comes from its results.json:
   train        {"job": "train", "variant", "T", "final_loss", "train_seconds", ...}
-  fit_dip      {"sigma": {...}, "num_images"}               (dipddpm/dip/study.py)
+  fit_dip      {"sigma": {...}, "num_images"}               (dipddpm/dip/table.py)
   restoration  {"protocol": "restoration", "tasks": {...}}  (dipddpm/protocols/restoration.py)
   generation   {"protocol": "generation", "arms": [...]}    (dipddpm/protocols/generation.py)
   classifier   {"classifier": {...}, "floors": [...]}       (jobs/train_classifier.py)
@@ -21,7 +21,7 @@ from typing import Optional
 
 import yaml
 
-from dipddpm.config import UserError
+from dipddpm.config import UserError, migrate
 from dipddpm.runs import CHECKPOINTS_DIR, CONFIG_FILE, RESULTS_FILE, SAMPLES_DIR
 
 TRAIN_KEYS = ("variant", "model", "params", "T", "epochs", "steps", "images_seen",
@@ -189,7 +189,7 @@ def discover(runs_dir, exclude=()) -> Runs:
         if why:
             runs.skipped.append((folder, why))
             continue
-        config = config if isinstance(config, dict) else {}
+        config = migrate(config, stored=True) if isinstance(config, dict) else {}
         results, kind = {}, None
         if (folder / RESULTS_FILE).exists():
             results, why = _read(folder / RESULTS_FILE, json.load)

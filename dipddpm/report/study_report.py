@@ -18,7 +18,7 @@ from typing import Optional
 
 from dipddpm.artifacts import DASH, fmt
 from dipddpm.config import Config
-from dipddpm.dip.study import STUDY_PSNR
+from dipddpm.dip.table import STUDY_PSNR
 from dipddpm.evaluate.inception import describe as describe_inception
 from dipddpm.protocols.restoration import (TABLE_COLUMNS, answer_sentences, table_cells,
                                            task_intro)

@@ -3,7 +3,7 @@ beside its own, then the protocol tables. Each builder returns a Table whose row
 formatted cells (the same cells go to REPORT.md and to W&B), or a Table with `not_run` set
 when the runs it needs are missing.
 
-The study's numbers live here, in one place (its DIP PSNR ones come from dipddpm.dip.study,
+The study's numbers live here, in one place (its DIP PSNR ones come from dipddpm.dip.table,
 which prints them beside every fit_dip table).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Optional
 
 from dipddpm.artifacts import DASH, fmt
 from dipddpm.config import result_keys
-from dipddpm.dip.study import STUDY_ITERS, STUDY_PSNR
+from dipddpm.dip.table import STUDY_ITERS, STUDY_PSNR
 from dipddpm.report.discover import Run, Runs
 
 # The original study (FashionMNIST, Colab T4), as printed in its tables.

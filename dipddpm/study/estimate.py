@@ -77,9 +77,9 @@ def _train(cfg: Config, run_dir: Path, unet: float) -> tuple[dict, str]:
     work = {"train": 3 * unet * left}
     if t.noise == "dip":  # one DIP iteration on the whole batch is one per image
         work["dip"] = t.dip_iters * dip_iteration_gflop(SkipSpec.from_config(cfg.dip)) * left
-    if t.num_samples and t.sample_every_images:
+    if t.sample_num_images and t.sample_every_images:
         grids = left / t.sample_every_images
-        work["forward"] = grids * t.num_samples * t.sample_steps * unet
+        work["forward"] = grids * t.sample_num_images * t.sample_steps * unet
     note = f"{left / total:.0%} left" if seen else ""
     return work, note
 
@@ -108,7 +108,7 @@ def _restore(cfg: Config, unet: float, fitted_caches: set) -> dict:
 
 def _generation(cfg: Config, unet: float, T: int) -> dict:
     p, dip = cfg.protocol, cfg.dip
-    n = p.gen_num
+    n = p.gen_num_images
     baselines = 2 * sum(set(p.gen_ddim_steps) | {p.gen_steps}) + (T if p.gen_ddpm else 0)
     with_data = [s for s in p.gen_sources if s in ("train", "heldout")]
     chains = (len(p.gen_sources) + len(with_data)) * len(p.gen_sigma_t0s) * p.gen_steps
@@ -155,7 +155,7 @@ def estimate(stages, cfg: Config, done) -> dict[str, Cost]:
         if s.job == "train":
             work, note = _train(c, Path(c.run.dir), unet)
         elif s.job == "sample":
-            work = {"forward": c.sample.num * trained.diffusion.T * unet}
+            work = {"forward": c.sample.num_images * trained.diffusion.T * unet}
         elif s.job == "fit_dip":  # runs on until ES-WMV decides, as restoration's fits
             settings = FitSettings.from_config(c.dip, stop="budget", es_decide=True)
             work = {"dip": c.dip.num_images * len(c.dip.sigmas) * settings.max_iters

@@ -9,7 +9,8 @@
       fit_dip/                               the DIP PSNR-vs-iterations table
       classifier/                            the FID/KID feature net and its real-vs-real floors
       priors/                                DIP priors of training images (the generation DIP start)
-      sampling/<variant>-T<T>/               T-step ancestral sampling of study.sampling_num images
+      sampling/<variant>-T<T>/               T-step ancestral sampling
+                                             (study.sampling_num_images images)
       fid_curve/                             FID of the protocols' DDPM at its kept snapshots
       restore/  generation/                  the two protocols, on the DDPM trained at main_T
       restore-<weights>/                     restoration at earlier weights of that DDPM
@@ -145,7 +146,8 @@ def plan_study(cfg: Config, study_dir: Path) -> list[Stage]:
             for variant in VARIANTS:
                 add("sampling", f"sampling/{variant}-T{T}",
                     [f"sample.checkpoint={train_dir(variant, T)}", "sample.sampler=ddpm",
-                     f"sample.num={st.sampling_num}", f"sample.batch_size={st.sampling_num}"])
+                     f"sample.num_images={st.sampling_num_images}",
+                     f"sample.batch_size={st.sampling_num_images}"])
     checkpoint = f"protocol.checkpoint={main_dir}"
     if "fid_curve" in wanted:
         add("fid_curve", "fid_curve", [checkpoint])

@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -200,119 +200,190 @@ def metrics_rows_at(run_dir, state: TrainState, going_on: bool) -> int:
     return n
 
 
-def train(cfg: Config) -> dict:
-    acc = make_accelerator(cfg.train.mixed_precision, compile=cfg.train.compile)
-    t = cfg.train
-    rank, world, device = acc.process_index, acc.num_processes, acc.device
-    run_dir = prepare_run_dir(cfg, acc.is_main_process, reads=reads(cfg))
-    acc.wait_for_everyone()
+class EpochData:
+    """This rank's batches, epoch after epoch. Each epoch is a fresh, reshuffled order; its
+    length can differ from epoch 0's when shards are unequal (the loader stops every rank at
+    the shortest rank's count), so each epoch reports its own. The loader is not passed through
+    accelerator.prepare (see dipddpm/data/stream.py)."""
 
-    # The same initial weights on every rank (DDP would broadcast rank 0's anyway, but the EMA
-    # copy is taken before that), then a different stream per rank for everything else.
+    def __init__(self, cfg: Config, rank: int, world: int):
+        self.dir, self.batch_size = cfg.data.dir, cfg.train.batch_size
+        self.loader_args = dict(rank=rank, world_size=world, num_workers=cfg.data.num_workers,
+                                seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+        self.per_epoch = batches_per_epoch(self.dir, "train", self.batch_size, **self.loader_args)
+        if self.per_epoch < 1:
+            raise UserError(f"{self.dir}: the train split gives no batch of {self.batch_size} "
+                            f"per rank with {world} process(es)")
+        self.batches, self.epoch_len = iter(()), 0
+
+    def start(self, epoch: int, skip: int) -> None:
+        """Read `epoch` from its batch `skip` on (a resume skips what the checkpoint consumed)."""
+        loader = make_loader(self.dir, "train", self.batch_size, epoch=epoch,
+                             skip_batches=skip, **self.loader_args)
+        self.batches, self.epoch_len = iter(loader), len(loader)
+
+    def epochs_read(self, state: TrainState) -> float:
+        return state.epoch + state.batch_in_epoch / self.epoch_len
+
+
+class Clocks:
+    """The loop's timing. img/s in a log line counts the training steps of its interval only;
+    train_seconds (results.json, summed over the segments of a resumed run) is the loop's wall
+    time less the sample grids (monitoring, whose cost is set by train.sample_num_images, not
+    by the training): checkpoints and data loading count; an epoch line carries the epoch's
+    wall time."""
+
+    def __init__(self, state: TrainState):
+        self.epoch_start = time.perf_counter()
+        self.steps_time, self.images_at_log = 0.0, state.images_seen
+        self.loop_start, self.seconds_before, self.grid_seconds = \
+            time.perf_counter(), state.train_seconds, 0.0
+        self.step_start = self.loop_start
+
+    def epoch_seconds(self) -> float:
+        """The wall time of the epoch that ends now; the next one starts."""
+        now = time.perf_counter()
+        seconds, self.epoch_start = now - self.epoch_start, now
+        return seconds
+
+    def start_step(self) -> None:
+        self.step_start = time.perf_counter()
+
+    def end_step(self) -> None:
+        self.steps_time += time.perf_counter() - self.step_start
+
+    def img_per_s(self, images_seen: int) -> float:
+        return (images_seen - self.images_at_log) / max(self.steps_time, 1e-9)
+
+    def new_interval(self, images_seen: int) -> None:
+        self.steps_time, self.images_at_log = 0.0, images_seen
+
+    @contextmanager
+    def grid(self):
+        start = time.perf_counter()
+        yield
+        self.grid_seconds += time.perf_counter() - start
+
+    def train_seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.loop_start - self.grid_seconds
+
+
+class RankDebug:
+    """train.rank_debug: each rank writes the sample keys of every step to
+    run.dir/debug/keys-rank<r>.txt and, at the end, the hashes of its model and EMA weights to
+    debug/state-rank<r>.json, to check that the ranks read disjoint data and ended with the same
+    weights. Off, it does nothing."""
+
+    def __init__(self, run_dir: Path, rank: int, world: int, enabled: bool):
+        self.dir, self.rank, self.world = run_dir / "debug", rank, world
+        self.keys_file = None
+        if enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.keys_file = open(self.dir / f"keys-rank{rank}.txt", "a")
+
+    def batch(self, step: int, keys) -> None:
+        if self.keys_file is not None:
+            self.keys_file.write(f"{step} " + " ".join(keys) + "\n")
+
+    def finish(self, step: int, model: torch.nn.Module, ema_model: torch.nn.Module) -> None:
+        if self.keys_file is None:
+            return
+        self.keys_file.close()
+        summary = {"rank": self.rank, "world": self.world, "step": step,
+                   "model": state_hash(model), "ema": state_hash(ema_model)}
+        (self.dir / f"state-rank{self.rank}.json").write_text(json.dumps(summary) + "\n")
+
+
+def build_model(cfg: Config, acc: Accelerator):
+    """(model, EMA, optimizer, diffusion), model and optimizer prepared by Accelerate. The same
+    initial weights on every rank (DDP would broadcast rank 0's anyway, but the EMA copy is
+    taken before that), then a different random stream per rank for everything else."""
+    t = cfg.train
     seed_everything(cfg.run.seed)
     model = build_unet(cfg.model.name)
     if t.channels_last:  # NHWC weights make every conv of the model NHWC (oneDNN's fast layout)
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, t.ema_decay)
-    seed_everything(cfg.run.seed * world + rank)
+    seed_everything(cfg.run.seed * acc.num_processes + acc.process_index)
     diffusion = Diffusion.from_config(cfg.diffusion)
     optimizer = make_optimizer(model, t)
-    model, optimizer = acc.prepare(model, optimizer)  # not the loader: see dipddpm/data/stream.py
-    ema.model.to(device)
+    model, optimizer = acc.prepare(model, optimizer)  # not the loader: see EpochData
+    ema.model.to(acc.device)
+    return model, ema, optimizer, diffusion
 
-    loader_args = dict(rank=rank, world_size=world, num_workers=cfg.data.num_workers,
-                       seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer)
-    bpe = batches_per_epoch(cfg.data.dir, "train", t.batch_size, **loader_args)
-    if bpe < 1:
-        raise UserError(f"{cfg.data.dir}: the train split gives no batch of {t.batch_size} "
-                        f"per rank with {world} process(es)")
-    images_per_step = t.batch_size * t.grad_accum * world
-    total_images = t.epochs * bpe * t.batch_size * world
-    total_steps = t.max_steps if t.max_steps is not None else int(t.epochs * bpe) // t.grad_accum
 
+def resume(acc: Accelerator, cfg: Config, run_dir: Path, ema, optimizer, total_steps: int):
+    """(state, the checkpoint resumed from or None, the metrics.jsonl rows to keep): the latest
+    checkpoint's state when run.resume and there is one; the rows of steps that will be redone
+    are cut (`metrics_rows_at`; None keeps the file as it is)."""
     state = TrainState()
     resumed_from = latest_checkpoint(run_dir) if cfg.run.resume else None
     keep_rows = 0 if cfg.run.resume else None  # no checkpoint yet: every step gets redone
     if resumed_from is not None:
         state = load_checkpoint(acc, resumed_from, ema)
-        set_optimizer_impl(optimizer, t.optimizer_impl)
+        set_optimizer_impl(optimizer, cfg.train.optimizer_impl)
         if acc.is_main_process:
             keep_rows = metrics_rows_at(run_dir, state, going_on=state.step < total_steps)
     acc.wait_for_everyone()
+    return state, resumed_from, keep_rows
 
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train(cfg: Config) -> dict:
+    """Train (or resume) the DDPM of cfg into run.dir; see the module docstring."""
+    acc = make_accelerator(cfg.train.mixed_precision, compile=cfg.train.compile)
+    t = cfg.train
+    rank, world, device = acc.process_index, acc.num_processes, acc.device
+    run_dir = prepare_run_dir(cfg, acc.is_main_process, reads=reads(cfg))
+    acc.wait_for_everyone()
+    model, ema, optimizer, diffusion = build_model(cfg, acc)
+    data = EpochData(cfg, rank, world)
+    images_per_step = t.batch_size * t.grad_accum * world
+    total_images = t.epochs * data.per_epoch * t.batch_size * world
+    total_steps = t.max_steps if t.max_steps is not None else \
+        int(t.epochs * data.per_epoch) // t.grad_accum
+    state, resumed_from, keep_rows = resume(acc, cfg, run_dir, ema, optimizer, total_steps)
     # the rows of steps that will be redone are cut (and W&B gets the rows it missed)
     tracker = Tracker(run_dir, cfg, "train", enabled=acc.is_main_process, keep_rows=keep_rows,
                       x_axis="images_seen")  # W&B charts training against images seen
-    debug = run_dir / "debug"
-    keys_file = None
-    if t.rank_debug:
-        debug.mkdir(parents=True, exist_ok=True)
-        keys_file = open(debug / f"keys-rank{rank}.txt", "a")
+    debug = RankDebug(run_dir, rank, world, t.rank_debug)
     if acc.is_main_process:
         print(f"dipddpm train: {cfg.model.name} ({count_parameters(ema.model):,} params), "
-              f"{world} process(es) on {device}, {bpe} batches/epoch/rank, {total_steps} steps "
-              f"of {images_per_step} images" +
+              f"{world} process(es) on {device}, {data.per_epoch} batches/epoch/rank, "
+              f"{total_steps} steps of {images_per_step} images" +
               (f", resumed from {resumed_from.name}" if resumed_from else ""), flush=True)
 
-    def epoch_batches(epoch: int, skip: int):
-        # An epoch's length can differ from epoch 0's when shards are unequal (the loader
-        # stops every rank at the shortest rank's count), so each epoch reports its own.
-        loader = make_loader(cfg.data.dir, "train", t.batch_size, epoch=epoch,
-                             skip_batches=skip, **loader_args)
-        return iter(loader), len(loader)
-
-    batches, epoch_len = epoch_batches(state.epoch, state.batch_in_epoch)
+    data.start(state.epoch, state.batch_in_epoch)
     noise_gen = torch.Generator(device=device)
     loss_sum = torch.tensor(state.loss_sum, device=device)
-    sample_gen_seed = cfg.run.seed  # the same noise for every grid: frames of one film
     dip_noise = DipNoise(cfg.dip, t.dip_iters) if t.noise == "dip" else None
     final_loss = None
-
-    def sample_grid():
-        n = t.num_samples
-        if n == 0 or not acc.is_main_process:
-            return
-        with acc.autocast():
-            x, _ = ddim_sample(ema.model, diffusion, (n, 1, 28, 28), steps=t.sample_steps,
-                               generator=torch.Generator(device).manual_seed(sample_gen_seed),
-                               device=device)
-        path = run_dir / SAMPLES_DIR / f"img-{state.images_seen:012d}.png"
-        save_grid(x, path)
-        tracker.log_image("samples", path, state.step)
-
     pbar = bar(total_steps, "train", initial=state.step, disable=not acc.is_main_process)
-    t_epoch = time.perf_counter()
-    train_time, images_at_log = 0.0, state.images_seen  # img/s counts training only
-    # train_seconds: the loop's wall time less the sample grids (monitoring, whose cost is set by
-    # train.num_samples, not by the training); checkpoints and data loading count
-    t_loop, seconds_before, grid_seconds = time.perf_counter(), state.train_seconds, 0.0
-    while state.step < total_steps:
-        t_step = time.perf_counter()
-        lr = lr_at(state.images_seen + images_per_step, cfg, total_images)  # first step: lr > 0
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        seed = step_seed(cfg.run.seed, state.step, rank)
-        noise_gen.manual_seed(seed)
-        torch.manual_seed(seed)  # dropout, if a model has it
+    clocks = Clocks(state)
 
-        # Micro-steps: gradients sync only on the last one; each loss is scaled so their sum
-        # is the mean over the grad_accum batches.
+    def next_batch():
+        if state.batch_in_epoch == data.epoch_len:  # the epoch is done: its line, the next one
+            tracker.log({"images_seen": state.images_seen, "epoch": state.epoch + 1,
+                         "epoch_time_s": clocks.epoch_seconds()}, state.step)
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            data.start(state.epoch, 0)
+        batch = next(data.batches)
+        state.batch_in_epoch += 1
+        debug.batch(state.step, batch["key"])
+        x0 = batch["image"].to(device, non_blocking=True)
+        return x0.contiguous(memory_format=torch.channels_last) if t.channels_last else x0
+
+    def gradients(seed: int) -> torch.Tensor:
+        """The step's gradients over its grad_accum micro-batches, synced only on the last;
+        each loss is scaled so their sum is the mean. Returns the step's mean loss."""
         step_loss = 0.0
         for micro in range(t.grad_accum):
-            if state.batch_in_epoch == epoch_len:  # next epoch: a fresh, reshuffled order
-                tracker.log({"images_seen": state.images_seen, "epoch": state.epoch + 1,
-                             "epoch_time_s": time.perf_counter() - t_epoch}, state.step)
-                t_epoch = time.perf_counter()
-                state.epoch += 1
-                state.batch_in_epoch = 0
-                batches, epoch_len = epoch_batches(state.epoch, 0)
-            batch = next(batches)
-            state.batch_in_epoch += 1
-            if keys_file is not None:
-                keys_file.write(f"{state.step} " + " ".join(batch["key"]) + "\n")
-            x0 = batch["image"].to(device, non_blocking=True)
-            if t.channels_last:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
+            x0 = next_batch()
             tt = torch.randint(0, diffusion.T, (x0.shape[0],), device=device, generator=noise_gen)
             # each micro-batch of the variant gets its own DIP net (seed + micro)
             noise = training_noise(x0, noise_gen, dip_noise, (seed + micro) % 2**63)
@@ -322,12 +393,59 @@ def train(cfg: Config) -> dict:
                     loss = diffusion.loss(model, x0, tt, noise)
                 acc.backward(loss / t.grad_accum)
             step_loss = step_loss + loss.detach() / t.grad_accum
+        return step_loss
+
+    def optimizer_step():
         if t.clip_grad > 0:
             acc.clip_grad_norm_(model.parameters(), t.clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(acc.unwrap_model(model), ema_decay_at(state.step, state.images_seen, t))
 
+    def log_line(lr: float, boundary: bool) -> float:
+        """The log interval's line (its mean loss, lr, img/s); a stop mid-interval is marked
+        partial and keeps accumulating, for the resume. Returns the mean loss."""
+        mean_loss = (loss_sum / state.loss_count).item()
+        clocks.end_step()
+        row = {"images_seen": state.images_seen, "epoch": data.epochs_read(state),
+               "loss": mean_loss, "lr": lr, "img_per_s": clocks.img_per_s(state.images_seen)}
+        if not boundary:
+            row["partial"] = True
+        tracker.log(row, state.step)
+        pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['img_per_s']:.0f}")
+        if boundary:
+            loss_sum.zero_()
+            state.loss_count = 0
+            clocks.new_interval(state.images_seen)
+        return mean_loss
+
+    def sample_grid():
+        n = t.sample_num_images
+        if n == 0 or not acc.is_main_process:
+            return
+        with acc.autocast():  # the same noise for every grid (run.seed): frames of one film
+            x, _ = ddim_sample(ema.model, diffusion, (n, 1, 28, 28), steps=t.sample_steps,
+                               generator=torch.Generator(device).manual_seed(cfg.run.seed),
+                               device=device)
+        path = run_dir / SAMPLES_DIR / f"img-{state.images_seen:012d}.png"
+        save_grid(x, path)
+        tracker.log_image("samples", path, state.step)
+
+    def checkpoint():
+        state.loss_sum = loss_sum.item()
+        state.metrics_rows = tracker.rows  # what a resume from here keeps (main process)
+        state.train_seconds = clocks.train_seconds()
+        save_checkpoint(acc, run_dir, state, ema, t.keep_checkpoints)
+
+    while state.step < total_steps:
+        clocks.start_step()
+        lr = lr_at(state.images_seen + images_per_step, cfg, total_images)  # first step: lr > 0
+        set_lr(optimizer, lr)
+        seed = step_seed(cfg.run.seed, state.step, rank)
+        noise_gen.manual_seed(seed)
+        torch.manual_seed(seed)  # dropout, if a model has it
+        step_loss = gradients(seed)
+        optimizer_step()
         before = state.images_seen
         state.step += 1
         state.images_seen += images_per_step
@@ -338,33 +456,15 @@ def train(cfg: Config) -> dict:
         pbar.update(1)
         last = state.step == total_steps
         boundary = crossed(before, state.images_seen, t.log_every_images)
-
         if boundary or last:
-            mean_loss = (loss_sum / state.loss_count).item()
-            final_loss = mean_loss
-            train_time += time.perf_counter() - t_step
-            row = {"images_seen": state.images_seen,
-                   "epoch": state.epoch + state.batch_in_epoch / epoch_len, "loss": mean_loss, "lr": lr,
-                   "img_per_s": (state.images_seen - images_at_log) / max(train_time, 1e-9)}
-            if not boundary:  # a stop mid-interval: report, but keep accumulating for resume
-                row["partial"] = True
-            tracker.log(row, state.step)
-            pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['img_per_s']:.0f}")
-            if boundary:
-                loss_sum.zero_()
-                state.loss_count = 0
-                train_time, images_at_log = 0.0, state.images_seen
+            final_loss = log_line(lr, boundary)
         else:
-            train_time += time.perf_counter() - t_step
+            clocks.end_step()
         if crossed(before, state.images_seen, t.sample_every_images) or last:
-            t_grid = time.perf_counter()
-            sample_grid()
-            grid_seconds += time.perf_counter() - t_grid
+            with clocks.grid():
+                sample_grid()
         if crossed(before, state.images_seen, t.checkpoint_every_images) or last:
-            state.loss_sum = loss_sum.item()
-            state.metrics_rows = tracker.rows  # what a resume from here keeps (main process)
-            state.train_seconds = seconds_before + time.perf_counter() - t_loop - grid_seconds
-            save_checkpoint(acc, run_dir, state, ema, t.keep_checkpoints)
+            checkpoint()
         if t.weights_every_images and acc.is_main_process \
                 and crossed(before, state.images_seen, t.weights_every_images):
             save_weights(snapshot_path(run_dir, state.images_seen), ema, state,
@@ -378,16 +478,11 @@ def train(cfg: Config) -> dict:
         if final_loss is None:
             final_loss = _last_logged_loss(run_dir)
         results = write_results(run_dir, cfg, state, params=count_parameters(ema.model),
-                                epochs=state.epoch + state.batch_in_epoch / epoch_len,
-                                final_loss=final_loss, world=world,
-                                mixed_precision=acc.mixed_precision)
+                                epochs=data.epochs_read(state), final_loss=final_loss,
+                                world=world, mixed_precision=acc.mixed_precision)
         tracker.summary({"train_seconds": results["train_seconds"],
                          "final_loss": results["final_loss"]})
-    if keys_file is not None:
-        keys_file.close()
-        summary = {"rank": rank, "world": world, "step": state.step,
-                   "model": state_hash(acc.unwrap_model(model)), "ema": state_hash(ema.model)}
-        (debug / f"state-rank{rank}.json").write_text(json.dumps(summary) + "\n")
+    debug.finish(state.step, acc.unwrap_model(model), ema.model)
     tracker.finish()
     acc.wait_for_everyone()
     acc.end_training()

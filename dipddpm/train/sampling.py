@@ -7,19 +7,20 @@
 The model and diffusion settings come from the training run's config.yaml when the weights
 sit in a run dir (run/ema.pt or run/checkpoints/img-*/ema.pt), so they always match the
 weights; otherwise from the caller's config. A model.name or diffusion.* key set on the command
-line that disagrees with the weights' run is refused (one line, exit 2). `generate` writes
+line that disagrees with the weights' run is refused (one line, exit 2). `draw_samples` writes
     run.dir/config.yaml         the resolved config, with the weights' model and diffusion
                                 (checked like every run dir's: dipddpm.runs.prepare_run_dir);
                                 not when run.dir is the weights' own training run, whose
                                 config.yaml stays as training wrote it
     run.dir/samples/<tag>.npz   images uint8 [N,28,28] (and float32 "x" in [-1,1]), nfe
     run.dir/samples/<tag>.png   grid of the first 64
-    run.dir/samples/<tag>.json  settings, nfe per batch, seconds, weights used
+    run.dir/samples/<tag>.json  settings ("num": sample.num_images), nfe per batch, seconds,
+                                weights used
     run.dir/samples/<tag>/      metrics.jsonl (a row per batch: images drawn, seconds) and
                                 the W&B run (job_type "sample"; the grid, the settings as its
                                 summary); its own folder, so the training run's stay as they are
 A bar counts the reverse steps of all batches (dipddpm.progress).
-With sample.t0 < T the chains start from the first sample.num test images diffused to t0
+With sample.t0 < T the chains start from the first sample.num_images test images diffused to t0
 (SDEdit-style reconstructions); restoration jobs pass their own estimates to the samplers.
 """
 from __future__ import annotations
@@ -112,8 +113,8 @@ def sampling_config(cfg: Config, explicit=()) -> tuple[Config, Path, bool]:
     return resolved, weights, own
 
 
-def generate(cfg: Config, explicit=()) -> dict:
-    """Draw cfg.sample.num samples; `explicit`: the keys set on the command line (see
+def draw_samples(cfg: Config, explicit=()) -> dict:
+    """Draw cfg.sample.num_images samples; `explicit`: the keys set on the command line (see
     `sampling_config`)."""
     cfg, _, own_run = sampling_config(cfg, explicit)
     if not own_run:
@@ -128,20 +129,22 @@ def generate(cfg: Config, explicit=()) -> dict:
     starts = None
     if t0 < diffusion.T:
         images, _, _ = load_split(cfg.data.dir, "test")
-        if len(images) < s.num:
-            raise ConfigError(f"sample.num = {s.num}: the test split has only {len(images)} images")
-        starts = torch.from_numpy(images[: s.num]).float().div(127.5).sub(1).unsqueeze(1)
+        if len(images) < s.num_images:
+            raise ConfigError(f"sample.num_images = {s.num_images}: the test split has only "
+                              f"{len(images)} images")
+        starts = torch.from_numpy(images[: s.num_images]).float().div(127.5).sub(1).unsqueeze(1)
 
-    tag = f"{s.sampler}-{s.steps if s.sampler == 'ddim' else t0}steps-eta{s.eta:g}-t0{t0}-n{s.num}"
+    chain_len = s.steps if s.sampler == "ddim" else t0
+    tag = f"{s.sampler}-{chain_len}steps-eta{s.eta:g}-t0{t0}-n{s.num_images}"
     folder = run_dir / SAMPLES_DIR
     tracker = Tracker(folder / tag, cfg, "sample", keep_rows=0)  # a rerun replaces its rows
-    starts_at = range(0, s.num, s.batch_size)
+    starts_at = range(0, s.num_images, s.batch_size)
     chain = len(ddim_timesteps(t0, s.steps)) if s.sampler == "ddim" else t0
     out, nfes = [], []
     start = time.perf_counter()
     with tracker, bar(len(starts_at) * chain, f"sample {tag}", unit="step") as steps_bar:
         for b, i in enumerate(starts_at):
-            n = min(s.batch_size, s.num - i)
+            n = min(s.batch_size, s.num_images - i)
             gen = torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + b)
             x0_hat = starts[i:i + n].to(device) if starts is not None else None
             x, nfe = sample(model, diffusion, (n, 1, 28, 28), sampler=s.sampler, steps=s.steps,
@@ -155,7 +158,8 @@ def generate(cfg: Config, explicit=()) -> dict:
         result = _write_samples(x, nfes, seconds, folder, tag, cfg, t0, info)
         tracker.log_image("samples", result["png"], len(nfes) - 1)
         tracker.summary({k: v for k, v in result.items() if k not in ("diffusion", "npz", "png")})
-    print(f"{s.num} samples, {nfes[0]} NFE each, {seconds:.1f} s -> {folder / tag}.{{npz,png}}")
+    print(f"{s.num_images} samples, {nfes[0]} NFE each, {seconds:.1f} s -> "
+          f"{folder / tag}.{{npz,png}}")
     return result
 
 
@@ -166,7 +170,8 @@ def _write_samples(x, nfes, seconds, folder: Path, tag: str, cfg: Config, t0: in
     np.savez(buf, images=u8, x=x.squeeze(1).numpy(), nfe=np.asarray(nfes))
     atomic_write_bytes(folder / f"{tag}.npz", buf.getvalue())
     save_grid(x[:64], folder / f"{tag}.png")
-    result = {"sampler": s.sampler, "steps": s.steps, "eta": s.eta, "t0": t0, "num": s.num,
+    result = {"sampler": s.sampler, "steps": s.steps, "eta": s.eta, "t0": t0,
+              "num": s.num_images,
               "nfe_per_sample": nfes[0], "seconds": seconds, "seed": cfg.run.seed,
               "npz": str(folder / f"{tag}.npz"), "png": str(folder / f"{tag}.png"), **info}
     atomic_write_json(folder / f"{tag}.json", result)
