@@ -73,7 +73,7 @@ def test_es_wmv_stops_after_the_variance_minimum():
     window, patience, n = 10, 15, 120
     # amplitude of the wiggle falls to a minimum at t=40 (row 0) / t=70 (row 1), then rises
     es = EsWmv(2, window, patience)
-    best_seen, stops = [None, None], [None, None]
+    stops = [None, None]
     for t in range(1, n + 1):
         amp = torch.tensor([abs(t - 40) / 40 + 0.01, abs(t - 70) / 70 + 0.01])
         out = 0.5 + amp[:, None] * torch.randn(2, 16)

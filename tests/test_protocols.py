@@ -364,8 +364,18 @@ def test_restore_job_writes_results_table_figures_and_wandb(tiny_world, tmp_path
             assert [r["steps"] for r in direct] == [1, 2] and direct[0]["t0"] == t["t_star"]
         assert t["front"] and all(t["rows"][i]["baseline"] for i in t["front"])
         assert set(t["answer"]["best"]) >= {"delta_psnr", "delta_ci95", "break_even_iters"}
+        pc = t["answer"]["prior_check"]
+        if inpaint:
+            assert pc is None  # no direct start
+        else:
+            tweedie = next(r for r in t["rows"] if r["arm"] == "direct" and r["steps"] == 1)
+            assert pc["tweedie"] == tweedie["psnr"]
+            assert pc["dip_oracle"] == by[("oracle", "best")]["psnr"]
+            assert pc["delta_psnr"] == pytest.approx(pc["tweedie"] - pc["dip_oracle"])
+            assert pc["delta_ci95"][0] <= pc["delta_psnr"] <= pc["delta_ci95"][1]
     table = (run_dir / "table.md").read_text()
     assert "## The answer" in table and "**denoise-s25**" in table and "dip (oracle)" in table
+    assert "one-step posterior mean (Tweedie" in table
     for png in ("front_denoise-s25.png", "front_inpaint_box.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     w = read_wandb_offline(run_dir)

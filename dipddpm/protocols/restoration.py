@@ -701,7 +701,23 @@ def answer(task: dict, g_unet: float, g_dip: float) -> dict:
                       "break_even_row": j,
                       "break_even_label": row_label(rows[j]),
                       "break_even_dip_iters_used": rows[j]["dip_iters"]}
+    out["prior_check"] = prior_check(rows, primary)
     return out
+
+
+def prior_check(rows: list[dict], primary: str) -> Optional[dict]:
+    """Denoising: the DDPM's one-step posterior mean from the direct start (Tweedie, K = 1)
+    against the DIP's best estimate with the oracle's pick (a bound on any stopping rule), paired
+    over the images: a trained diffusion prior should out-denoise a single-image prior."""
+    tweedie = [r for r in rows if r["arm"] == "direct" and r["steps"] == 1]
+    oracle = [r for r in rows if r["arm"] == "dip" and r["estimate"] == "oracle"
+              and r["output"] == "best"]
+    if not tweedie or not oracle:
+        return None
+    a, b = tweedie[0], oracle[0]
+    d, ci = paired_delta(primary_values(a, primary), primary_values(b, primary))
+    return {"tweedie": a[primary], "dip_oracle": b[primary], "delta_psnr": d, "delta_ci95": ci,
+            "tweedie_gflop": a["gflop_per_image"], "dip_oracle_gflop": b["gflop_per_image"]}
 
 
 def _gflop(v: float) -> str:
@@ -739,6 +755,13 @@ def answer_sentence(name: str, task: dict, n: int, observation: str) -> str:
     if o:
         text += (f" Bound (oracle, needs the clean image): {o['delta_psnr']:+.2f} dB "
                  f"[{o['delta_ci95'][0]:+.2f}, {o['delta_ci95'][1]:+.2f}] ({o['label']}).")
+    pc = a.get("prior_check")
+    if pc:
+        lo, hi = pc["delta_ci95"]
+        text += (f" The DDPM's one-step posterior mean (Tweedie, {_gflop(pc['tweedie_gflop'])} "
+                 f"GFLOP) scores {pc['tweedie']:.2f} dB, {pc['delta_psnr']:+.2f} dB "
+                 f"[{lo:+.2f}, {hi:+.2f}] against the DIP's oracle-picked estimate "
+                 f"({pc['dip_oracle']:.2f} dB, {_gflop(pc['dip_oracle_gflop'])} GFLOP).")
     return text
 
 
