@@ -145,7 +145,7 @@ def _stage_files(study: Path):
 def test_micro_study_inline_writes_the_report_and_a_rerun_skips_everything(micro_data, tmp_path):
     study = tmp_path / "study"
     args = [f"run.dir={study}", f"data.dir={micro_data}", "wandb.mode=disabled",
-            f"classifier.dir={tmp_path / 'classifier'}", *MICRO]
+            f"classifier.dir={study / 'classifier-cache'}", *MICRO]  # inside: exported
     r = run_module("jobs.study", *args, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     stages = _stage_files(study)

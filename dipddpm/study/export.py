@@ -13,6 +13,7 @@ dipddpm/report/study_report.py), the same bytes every time from the same files.
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -44,10 +45,21 @@ def stage_seconds(kind: str, results: dict, stage: dict) -> tuple[float, str]:
     return float(stage.get("seconds", 0.0)), "the stage's last run"
 
 
+# a project config file named by its absolute path in some checkout (a stage's argv)
+CONFIG_PATH = re.compile(r"(?:/[\w.+-]+)+/(configs/[\w.+-]+\.yaml)")
+# an absolute path left after the rewrites: refused, it would name the machine's folders
+ABSOLUTE = re.compile(r"(?<![\w.:/])/(?:[\w.+-]+/)+[\w.+-]*")
+
+
 def _copy_text(src: Path, dst: Path, subs: list[tuple[str, str]]) -> None:
     text = src.read_text()
     for old, new in subs:
         text = text.replace(old, new)
+    text = CONFIG_PATH.sub(r"\1", text)
+    left = ABSOLUTE.search(text)
+    if left:
+        raise UserError(f"{src}: an absolute path would be exported ({left.group(0)!r}); "
+                        f"export a study whose run dirs lie under its run.dir")
     dst.write_text(text)
 
 
