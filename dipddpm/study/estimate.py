@@ -69,10 +69,10 @@ def _images_seen(run_dir: Path) -> float:
     return float(rows[-1].get("images_seen", 0)) if rows else 0.0
 
 
-def _train(cfg: Config, run_dir: Path, unet: float) -> tuple[dict, str]:
+def _train(cfg: Config, run_dir: Optional[Path], unet: float) -> tuple[dict, str]:
     t = cfg.train
     total = _train_images(cfg)
-    seen = min(_images_seen(run_dir), total)
+    seen = min(_images_seen(run_dir), total) if run_dir is not None else 0.0
     left = total - seen
     work = {"train": 3 * unet * left}
     if t.noise == "dip":  # one DIP iteration on the whole batch is one per image
@@ -134,8 +134,9 @@ def _weights_owner(checkpoint: str, by_dir: dict) -> Optional[Config]:
     return None
 
 
-def estimate(stages, cfg: Config, done) -> dict[str, Cost]:
-    """{stage name: Cost} for the planned stages; `done(stage)` says which are finished."""
+def estimate(stages, cfg: Config, done, progress: bool = True) -> dict[str, Cost]:
+    """{stage name: Cost} for the planned stages; `done(stage)` says which are finished.
+    progress=False: the whole of every stage, as before anything ran."""
     st = cfg.study
     rates = {"train": st.gflops_train, "forward": st.gflops_forward, "dip": st.gflops_dip}
     unets: dict = {}
@@ -153,7 +154,7 @@ def estimate(stages, cfg: Config, done) -> dict[str, Cost]:
         trained = _weights_owner(c.protocol.checkpoint or c.sample.checkpoint, by_dir) or c
         unet = _forward(trained.model.name, unets)
         if s.job == "train":
-            work, note = _train(c, Path(c.run.dir), unet)
+            work, note = _train(c, Path(c.run.dir) if progress else None, unet)
         elif s.job == "sample":
             work = {"forward": c.sample.num_images * trained.diffusion.T * unet}
         elif s.job == "fit_dip":  # runs on until ES-WMV decides, as restoration's fits

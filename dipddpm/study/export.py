@@ -5,7 +5,9 @@ weights, checkpoints, W&B files, caches and per-sample arrays: config.yaml, stag
 results.json, metrics.jsonl, table.md, its figures (*.png) and sample grids (samples/*.png,
 with jobs.sample's samples/*.json). Absolute paths inside the copied text files are rewritten so
 that nothing of the machine that ran the study leaks out and the copies point at each other:
-the study dir becomes the export folder (as given), the project root becomes ".", the data dir
+the study dir becomes the export folder (relative to where the export runs, normally the
+repository's root), a project config named by its path in a checkout `configs/NAME.yaml`, the
+data dir
 becomes `EXPORT_DATA`. `export.json` beside them records, per planned stage, its estimate
 (dipddpm/study/estimate.py, before anything ran), its wall time and where that comes from, and
 the machine. `python -m jobs.report <folder>` then writes RESULTS.md there (see
@@ -13,6 +15,7 @@ dipddpm/report/study_report.py), the same bytes every time from the same files.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -69,8 +72,9 @@ def export_study(cfg: Config, stages: list[Stage], study_dir: Path, out_dir: Pat
     out_dir = Path(out_dir)
     if out_dir.resolve() == study_dir.resolve() or study_dir.resolve() in out_dir.resolve().parents:
         raise UserError(f"--export {out_dir}: must be outside the study dir {study_dir}")
-    costs = estimate(stages, cfg, done=lambda s: False)  # what each stage was estimated at
-    subs = [(str(study_dir.resolve()), str(out_dir)), (str(study_dir), str(out_dir)),
+    costs = estimate(stages, cfg, done=lambda s: False, progress=False)  # as before it ran
+    here = os.path.relpath(out_dir)  # the copies point at each other from where one runs
+    subs = [(str(study_dir.resolve()), here), (str(study_dir), here),
             (str(Path(cfg.data.dir).resolve()), EXPORT_DATA), (str(cfg.data.dir), EXPORT_DATA),
             (str(project_root.resolve()) + "/", "")]
     record = {"study": study_dir.name, "machine": machine_description(), "stages": {}}
