@@ -113,14 +113,14 @@ def plan_study(cfg: Config, study_dir: Path) -> list[Stage]:
     main = {v: load_config(str(root / KINDS["train"][1]),
                            base + list(st.train) + flags + [f"diffusion.T={st.main_T}"])
             for v, flags in VARIANTS.items()}
+    main_dir = train_dir("ddpm", st.main_T)
+    if "train_main" in wanted:  # first: every protocol stage waits for it
+        main_dir = study_dir / "train/ddpm-main"
+        add("train_main", "train/ddpm-main", [f"diffusion.T={st.main_T}"])
     if "train" in wanted:
         for T in st.T_values:
             for variant, flags in VARIANTS.items():
                 add("train", f"train/{variant}-T{T}", [*flags, f"diffusion.T={T}"])
-    main_dir = train_dir("ddpm", st.main_T)
-    if "train_main" in wanted:
-        main_dir = study_dir / "train/ddpm-main"
-        add("train_main", "train/ddpm-main", [f"diffusion.T={st.main_T}"])
     if "ablation_dip_iters" in wanted:
         for k in st.dip_iters:
             if k != main["dip_in_training"].train.dip_iters:
