@@ -21,7 +21,6 @@ Each finished snapshot is kept in run.dir/points/<stem>.json, so a rerun resumes
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -35,18 +34,16 @@ from dipddpm.progress import bar
 from dipddpm.protocols.generation import draw
 from dipddpm.runs import (RESULTS_FILE, atomic_write_json, prepare_run_dir, read_json)
 from dipddpm.tracking import Tracker
-from dipddpm.train.checkpoint import SNAPSHOTS_DIR
+from dipddpm.train.checkpoint import SNAPSHOTS_DIR, kept_snapshots
 from dipddpm.train.sampling import load_trained
 
 PLATEAU = 0.10  # within 10% of the best snapshot's FID
 GRID = 64  # samples in each snapshot's grid
-SNAPSHOT = re.compile(r"ema-img-(\d+)\.pt$")
 
 
 def snapshots(run_dir: Path, every: int) -> list[tuple[int, Path]]:
     """(images seen, weights file) of every `every`-th kept snapshot, and the last one."""
-    found = sorted((int(m.group(1)), p) for p in (run_dir / SNAPSHOTS_DIR).glob("ema-img-*.pt")
-                   if (m := SNAPSHOT.search(p.name)))
+    found = kept_snapshots(run_dir)
     if not found:
         raise UserError(f"protocol.checkpoint = {str(run_dir)!r}: no {SNAPSHOTS_DIR}/ema-img-*.pt "
                         f"there (train with train.weights_every_images set)")

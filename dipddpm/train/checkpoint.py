@@ -115,6 +115,14 @@ def snapshot_path(run_dir, images_seen: int) -> Path:
     return Path(run_dir) / SNAPSHOTS_DIR / f"ema-{PREFIX}{images_seen:012d}.pt"
 
 
+def kept_snapshots(run_dir) -> list[tuple[int, Path]]:
+    """(images seen, weights file) of every snapshot `snapshot_path` wrote, oldest first."""
+    head, tail = f"ema-{PREFIX}", ".pt"
+    return sorted((int(p.name[len(head):-len(tail)]), p)
+                  for p in (Path(run_dir) / SNAPSHOTS_DIR).glob(f"{head}*{tail}")
+                  if p.name[len(head):-len(tail)].isdigit())
+
+
 def find_weights(where) -> Path:
     """An EMA weights file from a weights file, a checkpoint folder, or a run dir (its final
     weights, else its latest checkpoint's)."""
