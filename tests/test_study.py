@@ -119,6 +119,27 @@ def test_stage_estimates_count_the_work_of_each_stage(tmp_path):
     assert "dip" not in costs["restore-ema-img-000000060032"].gflop  # the cache is full
 
 
+def test_an_export_that_would_leak_a_path_writes_nothing(tmp_path):
+    from dipddpm.config import UserError
+    from dipddpm.study.export import export_study
+
+    study = tmp_path / "study"
+    cfg = load_config(QUICKSTART, [f"run.dir={study}", f"data.dir={tmp_path / 'data'}"])
+    stages = plan_study(cfg, study)
+    for name, text in (("fit_dip", "dip:\n  iters: 4\n"),  # copied first, then
+                       ("classifier", "classifier:\n  dir: /elsewhere/clf\n")):  # refused
+        (study / name).mkdir(parents=True)
+        (study / name / "config.yaml").write_text(text)
+        (study / name / "stage.json").write_text('{"seconds": 1.0}')
+    out = tmp_path / "results"
+    with pytest.raises(UserError, match="an absolute path would be exported .'/elsewhere/clf'"):
+        export_study(cfg, stages, study, out, REPO, lambda s: s.name in ("fit_dip", "classifier"))
+    assert not out.exists() and list(tmp_path.iterdir()) == [study]
+    export_study(cfg, stages, study, out, REPO, lambda s: s.name == "fit_dip")
+    assert (out / "fit_dip/config.yaml").read_text() == "dip:\n  iters: 4\n"
+    assert json.loads((out / "export.json").read_text())["stages"]["fit_dip"]["seconds"] == 1.0
+
+
 def test_only_runs_the_named_stage_and_refuses_an_unknown_one(micro_data, tmp_path):
     study = tmp_path / "study"
     args = [f"run.dir={study}", f"data.dir={micro_data}", "wandb.mode=disabled", *MICRO,

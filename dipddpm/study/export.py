@@ -78,29 +78,42 @@ def export_study(cfg: Config, stages: list[Stage], study_dir: Path, out_dir: Pat
             (str(Path(cfg.data.dir).resolve()), EXPORT_DATA), (str(cfg.data.dir), EXPORT_DATA),
             (str(project_root.resolve()) + "/", "")]
     record = {"study": study_dir.name, "machine": machine_description(), "stages": {}}
-    for s in stages:
-        src = study_dir / s.name
-        entry = {"kind": s.kind, "job": s.job, "estimate_seconds": costs[s.name].seconds,
-                 "done": bool(done(s))}
-        if entry["done"]:
-            dst = out_dir / s.name
-            if dst.exists():
-                shutil.rmtree(dst)
-            dst.mkdir(parents=True)
-            for path in [src / f for f in TOP_FILES] + sorted(src.glob("*.png")) \
-                    + sorted((src / "samples").glob("*.png")) \
-                    + sorted((src / "samples").glob("*.json")):
-                if not path.is_file():
-                    continue
-                target = dst / path.relative_to(src)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if path.suffix in TEXT_SUFFIXES:
-                    _copy_text(path, target, subs)
-                else:
-                    shutil.copyfile(path, target)
-            results = read_json(src / RESULTS_FILE) if (src / RESULTS_FILE).exists() else {}
-            seconds, what = stage_seconds(s.kind, results, read_json(src / STAGE_FILE))
-            entry.update(seconds=seconds, seconds_are=what)
-        record["stages"][s.name] = entry
+    # every stage is copied into a staging folder first: a refused file leaves out_dir as it was
+    staging = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        for s in stages:
+            entry = {"kind": s.kind, "job": s.job, "estimate_seconds": costs[s.name].seconds,
+                     "done": bool(done(s))}
+            if entry["done"]:
+                entry.update(_copy_stage(s, study_dir / s.name, staging / s.name, subs))
+            record["stages"][s.name] = entry
+        for name, entry in record["stages"].items():
+            if entry["done"]:
+                final = out_dir / name
+                if final.exists():
+                    shutil.rmtree(final)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / name, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     atomic_write_json(out_dir / EXPORT_FILE, record)
     return record
+
+
+def _copy_stage(s: Stage, src: Path, dst: Path, subs: list[tuple[str, str]]) -> dict:
+    """Copy one finished stage's files into dst; return its wall time and what it counts."""
+    dst.mkdir(parents=True)
+    for path in [src / f for f in TOP_FILES] + sorted(src.glob("*.png")) \
+            + sorted((src / "samples").glob("*.png")) + sorted((src / "samples").glob("*.json")):
+        if not path.is_file():
+            continue
+        target = dst / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix in TEXT_SUFFIXES:
+            _copy_text(path, target, subs)
+        else:
+            shutil.copyfile(path, target)
+    results = read_json(src / RESULTS_FILE) if (src / RESULTS_FILE).exists() else {}
+    seconds, what = stage_seconds(s.kind, results, read_json(src / STAGE_FILE))
+    return {"seconds": seconds, "seconds_are": what}
