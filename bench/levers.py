@@ -24,6 +24,7 @@ clock (CPU time sums threads).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -72,6 +73,7 @@ class LeverSizes:
     e2e_steps: int
     psnr_images: int = 16  # the DIP bf16 PSNR check: real test images, configs/dip_denoise.yaml
     psnr_overrides: tuple[str, ...] = ()
+    compile_only: bool = False  # the training workloads' torch.compile rows alone
 
 
 LEVER_PRESETS = {
@@ -109,6 +111,9 @@ def _training(lz: LeverSizes, device, where, peaks) -> list[Row]:
             torch.manual_seed(0)
             cfg = load_config(REPO / "configs" / "ddpm.yaml", list(overrides))
             return our_train_step(build_unet(name).to(device), batch, device, cfg), cfg
+        if lz.compile_only:
+            rows.append(_compile_row(name, batch, device, where, peaks, step, flops, lz))
+            continue
         plain, _ = step([])
         fns = {"plain": plain} | {k: step(v)[0] for k, v in variants.items()}
         s = side_by_side(fns, warmup=lz.train_warmup, reps=lz.train_steps, device=device)
@@ -370,11 +375,26 @@ def _dip_psnr(lz: LeverSizes, data_dir: Path, device, where) -> Row:
                f"{time.perf_counter() - start:.0f} s")
 
 
-def run_levers(lz: LeverSizes, device, where: str, peaks: dict, data_dir: Path) -> list[Row]:
-    rows = _training(lz, device, where, peaks)
-    rows += _dip(lz, device, where, peaks)
-    rows += _sampling(lz, device, where, peaks)
-    if torch.device(device).type == "cpu":
+LEVER_GROUPS = ("training", "compile", "dip", "sampling", "two-cores", "psnr")
+
+
+def run_levers(lz: LeverSizes, device, where: str, peaks: dict, data_dir: Path,
+               groups: tuple[str, ...] = LEVER_GROUPS) -> list[Row]:
+    """The lever rows of `groups` (LEVER_GROUPS: all): compile (minutes of inductor on one
+    thread) and psnr (not a speed; ~1 h where bf16 is emulated) can run on their own."""
+    if lz.compile and "compile" in groups and "training" not in groups:
+        lz = dataclasses.replace(lz, compile_only=True)
+    elif "compile" not in groups:
+        lz = dataclasses.replace(lz, compile=False)
+    rows = []
+    if "training" in groups or lz.compile_only:
+        rows += _training(lz, device, where, peaks)
+    if "dip" in groups:
+        rows += _dip(lz, device, where, peaks)
+    if "sampling" in groups:
+        rows += _sampling(lz, device, where, peaks)
+    if "two-cores" in groups and torch.device(device).type == "cpu":
         rows += _two_cores_training(lz, Path(data_dir).resolve(), where, peaks)
-    rows.append(_dip_psnr(lz, Path(data_dir).resolve(), device, where))
+    if "psnr" in groups:
+        rows.append(_dip_psnr(lz, Path(data_dir).resolve(), device, where))
     return rows

@@ -51,6 +51,7 @@ from bench import dip_throughput
 from bench.common import Row, clock_name, device_name, git_commit, markdown_table, set_clock, \
     short_device, side_by_side, utc_now
 from bench.dip_reference import time_reference
+from bench.levers import LEVER_GROUPS, LEVER_PRESETS, run_levers
 from bench.roofline import dip_flops_per_image_iteration, roofline, unet_flops
 from dipddpm.cli import exit_with
 from dipddpm.config import UserError, load_config, parse_override
@@ -371,8 +372,8 @@ def bench_priors(sz: Sizes, data_dir: Path, single_rate: float, peaks: dict) -> 
                peak_gflops=peaks.get(("conv", resolved)))
 
 
-def run(sz: Sizes, device, data_dir: Path, sections: str = "abcd", levers: bool = False,
-        preset: str = "quick") -> list[Row]:
+def run(sz: Sizes, device, data_dir: Path, sections: str = "abcd",
+        levers: tuple[str, ...] = (), preset: str = "quick") -> list[Row]:
     where = short_device(device)
     batch = sz.train_batches[0]
     rows, peaks = roofline(device, where, batch=batch, reps=sz.roofline_reps,
@@ -388,8 +389,7 @@ def run(sz: Sizes, device, data_dir: Path, sections: str = "abcd", levers: bool 
     if "d" in sections:
         rows.append(bench_priors(sz, data_dir, single, peaks))
     if levers:
-        from bench.levers import LEVER_PRESETS, run_levers
-        rows += run_levers(LEVER_PRESETS[preset], device, where, peaks, data_dir)
+        rows += run_levers(LEVER_PRESETS[preset], device, where, peaks, data_dir, levers)
     return rows
 
 
@@ -412,8 +412,10 @@ def main(argv=None) -> list[Row]:
                    help="prepared shards (jobs.prepare_data) for the priors row and the levers' "
                         "end-to-end training runs")
     p.add_argument("--only", default="abcd", help="sections to run, e.g. 'ab'")
-    p.add_argument("--levers", action="store_true",
-                   help="also every lever of BENCHMARKS.md, one at a time (bench/levers.py)")
+    p.add_argument("--levers", nargs="?", const=",".join(LEVER_GROUPS), default="",
+                   metavar="GROUPS",
+                   help="also every lever of BENCHMARKS.md, one at a time (bench/levers.py); "
+                        f"optionally only some groups, comma-separated: {','.join(LEVER_GROUPS)}")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: this process's CPU time (one thread, shared machines)")
@@ -425,9 +427,12 @@ def main(argv=None) -> list[Row]:
     sz = PRESETS[preset]
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: torch sees no CUDA device")
-    if not args.only or set(args.only) - set("abcd"):
-        raise UserError(f"--only {args.only!r}: use letters of 'abcd'")
-    if ("d" in args.only or args.levers) and not (args.data / "manifest.json").exists():
+    levers = tuple(g for g in args.levers.split(",") if g)
+    if set(levers) - set(LEVER_GROUPS):
+        raise UserError(f"--levers {args.levers}: groups are {','.join(LEVER_GROUPS)}")
+    if (not args.only and not levers) or set(args.only) - set("abcd"):
+        raise UserError(f"--only {args.only!r}: use letters of 'abcd' (empty only with --levers)")
+    if ("d" in args.only or levers) and not (args.data / "manifest.json").exists():
         raise UserError(f"--data {args.data}: no manifest.json; run python -m "
                         "jobs.prepare_data first, or leave out the priors row with --only abc "
                         "(and --levers)")
@@ -439,7 +444,7 @@ def main(argv=None) -> list[Row]:
     set_clock(args.clock)
     print(f"# bench.run --preset {preset} on {device_name(args.device)}, {args.clock} clock",
           flush=True)
-    rows = run(sz, args.device, args.data, args.only, args.levers, preset)
+    rows = run(sz, args.device, args.data, args.only, levers, preset)
     print(markdown_table(rows), flush=True)
     if args.out:
         meta = {"preset": preset, "date": utc_now(), "commit": git_commit(),

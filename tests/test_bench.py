@@ -106,6 +106,22 @@ def test_levers_one_at_a_time_against_the_plain_path(tmp_path, one_thread):
     assert len(json.loads((tmp_path / "rows.json").read_text())) == len(rows)
 
 
+def test_lever_groups_run_alone_and_a_bad_group_is_one_line(tmp_path, one_thread):
+    """--levers GROUPS: only those groups' rows (the quiet run can time compile on its own)."""
+    from bench.run import main
+    from dipddpm.config import UserError
+
+    data = make_shards(tmp_path, 32, 8, 8)
+    rows = main(["--preset", "tiny", "--device", "cpu", "--only", "", "--levers", "sampling",
+                 "--data", str(data)])
+    levers = [r.name for r in rows if r.name.startswith("lever: ")]
+    assert levers and all(n.startswith("lever: DDPM step") for n in levers), levers
+    with pytest.raises(UserError, match="--levers sampling,speed: groups are"):
+        main(["--preset", "tiny", "--only", "", "--levers", "sampling,speed", "--data", str(data)])
+    with pytest.raises(UserError, match="--only ''"):
+        main(["--preset", "tiny", "--only", "", "--data", str(data)])
+
+
 def test_diffusers_pairs_match_in_size():
     if importlib.util.find_spec("diffusers") is None:
         skip_or_fail('diffusers is not installed: pip install -c constraints.txt -e ".[bench]"')
