@@ -11,6 +11,7 @@ each key and both values; neutral keys and lengthened runs are allowed, appended
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import yaml
@@ -51,6 +52,30 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def run_dir_lock(run_dir) -> Iterator[bool]:
+    """Hold the run dir for this process: an exclusive flock on `<run_dir>.lock`, beside it.
+    A second process (a `--only` run beside a study, a duplicated array task) waits here with
+    one line instead of writing into the same run dir. The kernel drops the lock when its
+    holder ends, however it ends, so a killed job never leaves a stale lock. Yields whether it
+    had to wait: the caller then checks whether the other process finished the work."""
+    run_dir = Path(run_dir)
+    path = run_dir.with_name(run_dir.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            print(f"{run_dir}: in use by another process; waiting for it", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+            waited = True
+        try:
+            yield waited
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

@@ -257,6 +257,41 @@ def _task_waits_for(flag: str):
     return "slow"
 
 
+def test_a_stage_held_by_another_process_is_waited_for_then_skipped(tmp_path, capsys):
+    """Two study processes on one machine: the second waits on the first's stage, then finds
+    it finished (stage.json with its config) and does not run it again."""
+    import threading
+    import time
+
+    from dipddpm.runs import atomic_write_json, run_dir_lock
+    from dipddpm.study.run import StageTask, is_done, run_dir_of
+
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [f"run.dir={tmp_path / 'study'}"])
+    stage = next(s for s in plan_study(cfg, tmp_path / "study") if s.name == "classifier")
+    run_dir = run_dir_of(stage.argv)
+    held, release = threading.Event(), threading.Event()
+
+    def other_process():
+        with run_dir_lock(run_dir) as waited:
+            assert not waited
+            held.set()
+            release.wait(10)
+            atomic_write_json(run_dir / "stage.json", {"job": stage.job, "argv": stage.argv,
+                                                       "config": stage.cfg.to_dict()})
+
+    other = threading.Thread(target=other_process)
+    other.start()
+    held.wait(10)
+    threading.Timer(0.5, release.set).start()
+    start = time.perf_counter()
+    StageTask()(stage.job, stage.argv)  # would train the classifier if it did not wait
+    other.join()
+    out = capsys.readouterr().out
+    assert time.perf_counter() - start >= 0.4
+    assert "in use by another process; waiting" in out and "finished by the other" in out
+    assert is_done(stage) and not (run_dir / "config.yaml").exists()
+
+
 def test_a_wave_reports_each_task_as_it_finishes(tmp_path, capsys):
     """Real local processes (submitit's LocalExecutor): the finished tasks are reported while
     another still runs, which only ends once their lines are out."""

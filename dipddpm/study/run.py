@@ -9,6 +9,9 @@ what is missing, and a lengthened run (more train.epochs) goes on from its check
 stage whose run dir holds a run of other result-changing settings stops the study with one line
 naming the stage and the keys (start such a study in a new run.dir, or delete that stage's dir).
 The study's own run dir holds only its config; each stage checks its own.
+Two study processes on one machine (a `--only` run beside the main one) never run one stage
+at once: a stage's run dir is held while its job runs (`runs.run_dir_lock`); the other process
+waits for it, then skips the stage if it finished.
 
 The data is prepared first, here, when data.dir has no dataset yet (seconds), and the report
 is written last, here, from the run dirs alone.
@@ -30,7 +33,7 @@ from dipddpm.launch.submit import slurm_executor
 from dipddpm.progress import bar
 from dipddpm.launch.task import RESUME, JobTask
 from dipddpm.report.study_report import build_report
-from dipddpm.runs import STAGE_FILE, atomic_write_json, prepare_run_dir
+from dipddpm.runs import STAGE_FILE, atomic_write_json, prepare_run_dir, run_dir_lock
 from dipddpm.study.estimate import estimate
 from dipddpm.study.export import export_study
 from dipddpm.study.plan import Stage, describe, plan_study, project_root
@@ -48,14 +51,18 @@ def stage_config(argv: list[str]) -> Config:
 
 
 def is_done(stage: Stage) -> bool:
-    """stage.json is there and records this stage's config, neutral keys aside (a stage.json
-    written before it recorded configs: the same argv)."""
-    path = run_dir_of(stage.argv) / STAGE_FILE
+    return recorded(stage.argv, stage.cfg)
+
+
+def recorded(argv: list[str], cfg: Config) -> bool:
+    """The stage of this argv and config is done: stage.json is there and records its config,
+    neutral keys aside (a stage.json written before it recorded configs: the same argv)."""
+    path = run_dir_of(argv) / STAGE_FILE
     try:
         done = json.loads(path.read_text())
         if "config" not in done:
-            return done["argv"] == stage.argv
-        return result_keys(done["config"]) == result_keys(stage.cfg.to_dict())
+            return done["argv"] == argv
+        return result_keys(done["config"]) == result_keys(cfg.to_dict())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
@@ -65,12 +72,16 @@ class StageTask(submitit.helpers.Checkpointable):
     whole wave's array; on preemption the task is requeued with run.resume=true."""
 
     def __call__(self, job: str, argv: list[str]):
-        start = time.perf_counter()
-        JobTask(job, project_root=str(Path(__file__).resolve().parents[2]))(argv)
-        argv = [a for a in argv if a != RESUME]
-        atomic_write_json(run_dir_of(argv) / STAGE_FILE,
-                          {"job": job, "argv": argv, "config": stage_config(argv).to_dict(),
-                           "seconds": time.perf_counter() - start})
+        with run_dir_lock(run_dir_of(argv)) as waited:
+            plain = [a for a in argv if a != RESUME]
+            if waited and recorded(plain, stage_config(plain)):
+                print(f"{run_dir_of(argv)}: finished by the other process", flush=True)
+                return
+            start = time.perf_counter()
+            JobTask(job, project_root=str(Path(__file__).resolve().parents[2]))(argv)
+            atomic_write_json(run_dir_of(argv) / STAGE_FILE,
+                              {"job": job, "argv": plain, "config": stage_config(plain).to_dict(),
+                               "seconds": time.perf_counter() - start})
 
     def checkpoint(self, job: str, argv: list[str]):
         argv = list(argv) if RESUME in argv else list(argv) + [RESUME]
