@@ -9,17 +9,22 @@ held-out starts.
        protocol.gen_sigma_t0s=[0.3,1.0,3.0] protocol.gen_sources=[train,heldout,data_free] \
        protocol.gen_priors_dir=data/.../priors/NAME]
 
-Needs the classifier (python -m jobs.train_classifier). Writes D/config.yaml, D/results.json
+Needs the classifier (python -m jobs.train_classifier). With --fit-sources-only it only fits the
+sources' DIP estimates into protocol.dip_cache (no DDPM, classifier or run dir needed: run it
+beside the DDPM's training, and the generation job finds them there). Writes D/config.yaml, D/results.json
 (schema in dipddpm/protocols/generation.py; the design in docs/generation.md), D/table.md,
 D/fid_vs_steps.png, D/samples/*.png, D/metrics.jsonl and D/wandb/.
 """
 from dipddpm.cli import exit_with, job_parser, parse_config
-from dipddpm.protocols.generation import run_generation
+from dipddpm.protocols.generation import fit_sources, run_generation
 
 
 def main(argv=None):
-    cfg, _ = parse_config(job_parser(__doc__.splitlines()[0], "configs/generation.yaml"), argv)
-    return run_generation(cfg)
+    parser = job_parser(__doc__.splitlines()[0], "configs/generation.yaml")
+    parser.add_argument("--fit-sources-only", action="store_true",
+                        help="fit the sources' DIP estimates into protocol.dip_cache, then stop")
+    cfg, args = parse_config(parser, argv)
+    return fit_sources(cfg) if args.fit_sources_only else run_generation(cfg)
 
 
 if __name__ == "__main__":

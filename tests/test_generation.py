@@ -211,6 +211,27 @@ def test_fitted_estimates_are_kept_in_the_dip_cache(world, tmp_path, monkeypatch
     assert first[1:] == again[1:]  # iterations and the original fit's seconds per image
 
 
+def test_fit_sources_only_fills_the_cache_the_generation_job_then_reads(world, tmp_path,
+                                                                        monkeypatch, capsys):
+    """--fit-sources-only (beside a long training): no DDPM, classifier or run dir needed;
+    the generation job afterwards fits nothing."""
+    import dipddpm.dip.fit as fit
+    from dipddpm.config import ConfigError
+
+    cache, run_dir = tmp_path / "dip-cache", tmp_path / "gen"
+    sources = ["protocol.gen_sources=[heldout, data_free]", "protocol.gen_data_free_iters=2"]
+    with pytest.raises(ConfigError, match="protocol.dip_cache = '': --fit-sources-only"):
+        generate_main(job_args(world, run_dir, *sources, "--fit-sources-only"))
+    out = generate_main(job_args(world, run_dir, *sources, f"protocol.dip_cache={cache}",
+                                 "protocol.checkpoint=no-such-ddpm", "--fit-sources-only"))
+    assert set(out) == {"heldout", "data_free"} and not run_dir.exists()
+    assert len(list(cache.glob("*.pt"))) == 4  # each source: batches of 4 and 2 nets
+    assert "heldout source: 6 DIP estimates in" in capsys.readouterr().out
+    monkeypatch.setattr(fit, "fit_batch", None)  # the generation job must not fit
+    results = generate_main(job_args(world, run_dir, *sources, f"protocol.dip_cache={cache}"))
+    assert results["sources"]["heldout"] == out["heldout"]
+
+
 def test_fid_curve_over_a_runs_snapshots_resumes_and_finds_the_plateau(world, tmp_path,
                                                                        monkeypatch):
     import shutil

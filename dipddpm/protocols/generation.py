@@ -174,12 +174,14 @@ def fit_estimates(cfg: Config, target: np.ndarray, keys: list[str], device, *,
     m = None if mask is None else torch.from_numpy(mask)
     est, ran, seconds = [], [], 0.0
     # the target stands in for the clean image: fit_by_key records PSNRs against it, unused here
-    for _, r in fit_by_key(y, m, y, keys, spec, settings, run_seed=cfg.run.seed,
-                           batch_size=dip.batch_size, device=device,
-                           cache=cfg.protocol.dip_cache or None):
-        est.append(r.estimate.float())
-        ran.append((~torch.isnan(r.psnr_obs)).sum(0).double())  # iterations each net ran
-        seconds += r.seconds
+    with bar(len(keys) * settings.iters, "DIP fits", unit="img-it", unit_scale=True) as fits:
+        for _, r in fit_by_key(y, m, y, keys, spec, settings, run_seed=cfg.run.seed,
+                               batch_size=dip.batch_size, device=device,
+                               on_iter=lambda t, n: fits.update(n),
+                               cache=cfg.protocol.dip_cache or None):
+            est.append(r.estimate.float())
+            ran.append((~torch.isnan(r.psnr_obs)).sum(0).double())  # iterations each net ran
+            seconds += r.seconds
     seconds /= len(keys)
     return torch.cat(est).clamp(0, 1), float(torch.cat(ran).mean()), seconds
 
@@ -605,6 +607,31 @@ def fid_plot(results: dict, path: Path) -> Path:
     axes[0].set_ylabel("FID (classifier features)")
     axes[0].legend(fontsize=6)
     return save_png(fig, path)
+
+
+def fit_sources(cfg: Config, device=None) -> dict:
+    """The job with --fit-sources-only: fit the DIP estimates of the data sources (and of
+    data_free when gen_data_free_iters > 0) into protocol.dip_cache and stop. They need neither
+    the DDPM nor the classifier, so they can run beside the DDPM's training; the generation job
+    then finds them there (the fit of a batch is the same whatever job asks for it). Returns
+    each source's summary; writes nothing but the cache."""
+
+    check_retired(cfg)
+    if not cfg.protocol.dip_cache:
+        raise ConfigError("protocol.dip_cache = '': --fit-sources-only fills that cache; name a "
+                          "folder (the generation job must then name the same one)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = {}
+    for name in cfg.protocol.gen_sources:
+        if name == "data_free" and cfg.protocol.gen_data_free_iters == 0:
+            continue  # the untrained nets' outputs: nothing to fit
+        src = data_free_source(cfg, device) if name == "data_free" else \
+            data_source(cfg, name, device)
+        print(f"{name} source: {len(src.keys)} DIP estimates in {cfg.protocol.dip_cache} "
+              f"({src.dip_source}, {src.dip_iters:.0f} iterations, {src.dip_seconds:.3f} s/image)",
+              flush=True)
+        out[name] = src.summary()
+    return out
 
 
 def run_generation(cfg: Config, device=None) -> dict:
