@@ -108,6 +108,9 @@ def test_stage_estimates_count_the_work_of_each_stage(tmp_path):
     nfe = sum(4 * starts[t] * 50 + 50 + (t == "denoise")
               for t in ("denoise", "denoise", "inpaint_box"))
     assert early.gflop["forward"] == pytest.approx(256 * nfe * unet)
+    # whole stages (the export's estimate vs wall time): each with the fits its time counts
+    whole = estimate(stages, cfg, done=lambda s: False, progress=False)
+    assert whole["restore-ema-img-000000060032"].gflop["dip"] == last.gflop["dip"]
     # a training stage under way is charged what is left; a finished stage nothing
     main = tmp_path / "train/ddpm-main"
     main.mkdir(parents=True)

@@ -14,8 +14,9 @@ one core of the 2-core CPU this project's CPU study runs on, from BENCHMARKS.md)
 Upper bounds where the count depends on data: a restoration chain of K steps is charged K
 forwards (it runs min(K, t0)), a fit with ES-WMV deciding is charged iters + patience. A stage
 that is done costs nothing; a training stage under way is charged what its metrics.jsonl says
-is left; restoration stages sharing a DIP cache are charged the fits once. The classifier, FID
-features and data preparation are small next to these and not counted.
+is left; restoration stages sharing a DIP cache are charged the fits once (the whole-stage
+estimates, progress=False, charge each its fits: its recorded time counts the original fits').
+The classifier, FID features and data preparation are small next to these and not counted.
 """
 from __future__ import annotations
 
@@ -136,7 +137,8 @@ def _weights_owner(checkpoint: str, by_dir: dict) -> Optional[Config]:
 
 def estimate(stages, cfg: Config, done, progress: bool = True) -> dict[str, Cost]:
     """{stage name: Cost} for the planned stages; `done(stage)` says which are finished.
-    progress=False: the whole of every stage, as before anything ran."""
+    progress=False: the whole of every stage, as before anything ran, each restoration stage
+    with its DIP fits (stage_seconds of the export counts them in each, whichever ran them)."""
     st = cfg.study
     rates = {"train": st.gflops_train, "forward": st.gflops_forward, "dip": st.gflops_dip}
     unets: dict = {}
@@ -165,7 +167,7 @@ def estimate(stages, cfg: Config, done, progress: bool = True) -> dict[str, Cost
             work = {"dip": _split_size(c, c.priors.split) * c.dip.iters
                     * dip_iteration_gflop(SkipSpec.from_config(c.dip))}
         elif s.job == "restore":
-            work = _restore(c, unet, fitted_caches)
+            work = _restore(c, unet, fitted_caches if progress else set())
         elif s.job == "fid_curve":
             owner = _weights_owner(c.protocol.checkpoint, by_dir)
             t = (owner or c).train
