@@ -120,6 +120,12 @@ def test_stage_estimates_count_the_work_of_each_stage(tmp_path):
     assert costs["train/ddpm-main"].note == "75% left"
     assert costs["restore"].seconds == 0 and costs["restore"].note == "done"
     assert "dip" not in costs["restore-ema-img-000000060032"].gflop  # the cache is full
+    # the stage under way (its run dir written) is the one fitting the shared cache
+    (tmp_path / "restore-ema-img-000000060032").mkdir()
+    (tmp_path / "restore-ema-img-000000060032/config.yaml").write_text("{}\n")
+    costs = estimate(stages, cfg, done=lambda s: False)
+    assert costs["restore-ema-img-000000060032"].gflop["dip"] == last.gflop["dip"]
+    assert "dip" not in costs["restore"].gflop and list(costs) == [s.name for s in stages]
 
 
 def test_an_export_that_would_leak_a_path_writes_nothing(tmp_path):

@@ -14,8 +14,9 @@ one core of the 2-core CPU this project's CPU study runs on, from BENCHMARKS.md)
 Upper bounds where the count depends on data: a restoration chain of K steps is charged K
 forwards (it runs min(K, t0)), a fit with ES-WMV deciding is charged iters + patience. A stage
 that is done costs nothing; a training stage under way is charged what its metrics.jsonl says
-is left; restoration stages sharing a DIP cache are charged the fits once (the whole-stage
-estimates, progress=False, charge each its fits: its recorded time counts the original fits').
+is left; restoration stages sharing a DIP cache are charged the fits once, to the one under
+way if one is (the whole-stage estimates, progress=False, charge each its fits: its recorded
+time counts the original fits').
 The classifier, FID features and data preparation are small next to these and not counted.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dipddpm.evaluate.flops import dip_iteration_gflop, unet_forward_gflop
 from dipddpm.models.dip import SkipSpec
 from dipddpm.models.unet import build_unet
 from dipddpm.protocols.restoration import task_list
-from dipddpm.runs import METRICS_FILE, read_jsonl
+from dipddpm.runs import CONFIG_FILE, METRICS_FILE, read_jsonl
 
 SPLITS = {"train": 60_000, "test": 10_000}  # FashionMNIST's, when data.dir has no manifest yet
 
@@ -145,7 +146,9 @@ def estimate(stages, cfg: Config, done, progress: bool = True) -> dict[str, Cost
     by_dir = {s.cfg.run.dir: s.cfg for s in stages if s.job == "train"}
     fitted_caches: set = set()
     out = {}
-    for s in stages:
+    # a stage under way (its run dir written) is the one fitting a shared cache: it goes first
+    under_way = [s for s in stages if progress and (Path(s.cfg.run.dir) / CONFIG_FILE).exists()]
+    for s in under_way + [s for s in stages if s not in under_way]:
         c = s.cfg
         note = ""
         if done(s):
@@ -182,7 +185,7 @@ def estimate(stages, cfg: Config, done, progress: bool = True) -> dict[str, Cost
             work = {}
         seconds = sum(g / rates[k] for k, g in work.items())
         out[s.name] = Cost(work, seconds, note)
-    return out
+    return {s.name: out[s.name] for s in stages}  # plan order
 
 
 def fmt_seconds(s: float) -> str:
