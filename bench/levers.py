@@ -148,6 +148,7 @@ def _compile_row(name, batch, device, where, peaks, step, flops, lz) -> Row:
     pointed at an empty folder, so the first step pays the whole compilation."""
     eager, _ = step([])
     compiled, _ = step(["train.compile=true"])
+    torch._dynamo.reset()  # and no compiled code of an earlier row kept in memory
     old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache

@@ -432,10 +432,13 @@ def main(argv=None) -> list[Row]:
         raise UserError(f"--levers {args.levers}: groups are {','.join(LEVER_GROUPS)}")
     if (not args.only and not levers) or set(args.only) - set("abcd"):
         raise UserError(f"--only {args.only!r}: use letters of 'abcd' (empty only with --levers)")
-    if ("d" in args.only or levers) and not (args.data / "manifest.json").exists():
+    if levers == ("compile",) and not LEVER_PRESETS[preset].compile:
+        raise UserError(f"--levers compile: the {preset} preset times no torch.compile")
+    reads_data = "d" in args.only or set(levers) & {"two-cores", "psnr"}
+    if reads_data and not (args.data / "manifest.json").exists():
         raise UserError(f"--data {args.data}: no manifest.json; run python -m "
                         "jobs.prepare_data first, or leave out the priors row with --only abc "
-                        "(and --levers)")
+                        "(and the two-cores and psnr lever groups)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and (args.device == "cuda" or torch.get_num_threads() != 1):

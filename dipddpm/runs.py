@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import random
+import sys
 import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -60,11 +61,14 @@ def run_dir_lock(run_dir) -> Iterator[bool]:
     A second process (a `--only` run beside a study, a duplicated array task) waits here with
     one line instead of writing into the same run dir. The kernel drops the lock when its
     holder ends, however it ends, so a killed job never leaves a stale lock. Yields whether it
-    had to wait: the caller then checks whether the other process finished the work."""
-    run_dir = Path(run_dir)
+    had to wait: the caller then checks whether the other process finished the work.
+    Not reentrant: a second hold of the same run dir in one process waits for ever. On a file
+    system without flock (some NFS mounts) it says so in one line and holds nothing."""
+    run_dir = Path(run_dir).absolute()
     path = run_dir.with_name(run_dir.name + ".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
+        locked = True
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             waited = False
@@ -72,10 +76,15 @@ def run_dir_lock(run_dir) -> Iterator[bool]:
             print(f"{run_dir}: in use by another process; waiting for it", flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
             waited = True
+        except OSError as e:  # no flock here: run unguarded rather than not at all
+            print(f"warning: {path}: cannot lock ({e.strerror}); two processes could run "
+                  f"this stage at once", file=sys.stderr, flush=True)
+            locked, waited = False, False
         try:
             yield waited
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

@@ -120,6 +120,8 @@ def test_lever_groups_run_alone_and_a_bad_group_is_one_line(tmp_path, one_thread
         main(["--preset", "tiny", "--only", "", "--levers", "sampling,speed", "--data", str(data)])
     with pytest.raises(UserError, match="--only ''"):
         main(["--preset", "tiny", "--only", "", "--data", str(data)])
+    with pytest.raises(UserError, match="--levers compile: the tiny preset times no"):
+        main(["--preset", "tiny", "--only", "", "--levers", "compile", "--data", str(data)])
 
 
 def test_diffusers_pairs_match_in_size():

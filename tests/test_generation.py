@@ -230,6 +230,10 @@ def test_fit_sources_only_fills_the_cache_the_generation_job_then_reads(world, t
     monkeypatch.setattr(fit, "fit_batch", None)  # the generation job must not fit
     results = generate_main(job_args(world, run_dir, *sources, f"protocol.dip_cache={cache}"))
     assert results["sources"]["heldout"] == out["heldout"]
+    # a source served from a priors dir has nothing to fit here
+    assert generate_main(job_args(world, run_dir, "protocol.gen_sources=[train]",
+                                  "protocol.gen_priors_dir=not-built-yet",
+                                  f"protocol.dip_cache={cache}", "--fit-sources-only")) == {}
 
 
 def test_fid_curve_over_a_runs_snapshots_resumes_and_finds_the_plateau(world, tmp_path,

@@ -278,11 +278,11 @@ def test_a_stage_held_by_another_process_is_waited_for_then_skipped(tmp_path, ca
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [f"run.dir={tmp_path / 'study'}"])
     stage = next(s for s in plan_study(cfg, tmp_path / "study") if s.name == "classifier")
     run_dir = run_dir_of(stage.argv)
-    held, release = threading.Event(), threading.Event()
+    held, release, seen = threading.Event(), threading.Event(), []
 
     def other_process():
         with run_dir_lock(run_dir) as waited:
-            assert not waited
+            seen.append(waited)
             held.set()
             release.wait(10)
             atomic_write_json(run_dir / "stage.json", {"job": stage.job, "argv": stage.argv,
@@ -290,15 +290,18 @@ def test_a_stage_held_by_another_process_is_waited_for_then_skipped(tmp_path, ca
 
     other = threading.Thread(target=other_process)
     other.start()
-    held.wait(10)
+    assert held.wait(10)
     threading.Timer(0.5, release.set).start()
     start = time.perf_counter()
     StageTask()(stage.job, stage.argv)  # would train the classifier if it did not wait
     other.join()
     out = capsys.readouterr().out
-    assert time.perf_counter() - start >= 0.4
-    assert "in use by another process; waiting" in out and "finished by the other" in out
+    assert seen == [False] and time.perf_counter() - start >= 0.4
+    assert "in use by another process; waiting" in out and "finished by the process" in out
     assert is_done(stage) and not (run_dir / "config.yaml").exists()
+    StageTask()(stage.job, stage.argv)  # planned before the other finished: checked again
+    assert "finished by another process" in capsys.readouterr().out
+    assert not (run_dir / "config.yaml").exists()
 
 
 def test_a_wave_reports_each_task_as_it_finishes(tmp_path, capsys):

@@ -121,7 +121,7 @@ from dipddpm.models.dip import SkipSpec
 from dipddpm.progress import bar
 from dipddpm.protocols.arms import CountingModel, ETA, start_at, to_diffusion
 from dipddpm.runs import (RESULTS_FILE, SAMPLES_DIR, atomic_path, atomic_write_json,
-                          atomic_write_text, prepare_run_dir, read_json)
+                          atomic_write_text, prepare_run_dir, read_json, run_dir_lock)
 from dipddpm.tracking import Tracker
 from dipddpm.train.sampling import load_trained
 
@@ -614,23 +614,27 @@ def fit_sources(cfg: Config, device=None) -> dict:
     data_free when gen_data_free_iters > 0) into protocol.dip_cache and stop. They need neither
     the DDPM nor the classifier, so they can run beside the DDPM's training; the generation job
     then finds them there (the fit of a batch is the same whatever job asks for it). Returns
-    each source's summary; writes nothing but the cache."""
+    each source's summary; writes nothing but the cache (and the lock beside run.dir)."""
 
     check_retired(cfg)
     if not cfg.protocol.dip_cache:
         raise ConfigError("protocol.dip_cache = '': --fit-sources-only fills that cache; name a "
                           "folder (the generation job must then name the same one)")
+    p = cfg.protocol
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    served = {"data_free": p.gen_data_free_iters == 0,  # the untrained nets: nothing to fit
+              "train": bool(p.gen_priors_dir), "heldout": bool(p.gen_heldout_priors_dir)}
     out = {}
-    for name in cfg.protocol.gen_sources:
-        if name == "data_free" and cfg.protocol.gen_data_free_iters == 0:
-            continue  # the untrained nets' outputs: nothing to fit
-        src = data_free_source(cfg, device) if name == "data_free" else \
-            data_source(cfg, name, device)
-        print(f"{name} source: {len(src.keys)} DIP estimates in {cfg.protocol.dip_cache} "
-              f"({src.dip_source}, {src.dip_iters:.0f} iterations, {src.dip_seconds:.3f} s/image)",
-              flush=True)
-        out[name] = src.summary()
+    # the generation job's run dir is held meanwhile: a generation stage started now waits
+    # for these fits instead of fitting the same batches beside them
+    with run_dir_lock(cfg.run.dir):
+        for name in [n for n in p.gen_sources if not served[n]]:
+            src = data_free_source(cfg, device) if name == "data_free" else \
+                data_source(cfg, name, device)
+            print(f"{name} source: {len(src.keys)} DIP estimates in {p.dip_cache} "
+                  f"({src.dip_source}, {src.dip_iters:.0f} iterations, "
+                  f"{src.dip_seconds:.3f} s/image)", flush=True)
+            out[name] = src.summary()
     return out
 
 

@@ -74,8 +74,10 @@ class StageTask(submitit.helpers.Checkpointable):
     def __call__(self, job: str, argv: list[str]):
         with run_dir_lock(run_dir_of(argv)) as waited:
             plain = [a for a in argv if a != RESUME]
-            if waited and recorded(plain, stage_config(plain)):
-                print(f"{run_dir_of(argv)}: finished by the other process", flush=True)
+            # checked under the lock: another process may have finished it since it was planned
+            if recorded(plain, stage_config(plain)):
+                print(f"{run_dir_of(argv)}: finished by "
+                      f"{'the process waited for' if waited else 'another process'}", flush=True)
                 return
             start = time.perf_counter()
             JobTask(job, project_root=str(Path(__file__).resolve().parents[2]))(argv)
