@@ -77,8 +77,8 @@ def run_dir_lock(run_dir) -> Iterator[bool]:
             fcntl.flock(f, fcntl.LOCK_EX)
             waited = True
         except OSError as e:  # no flock here: run unguarded rather than not at all
-            print(f"warning: {path}: cannot lock ({e.strerror}); two processes could run "
-                  f"this stage at once", file=sys.stderr, flush=True)
+            print(f"warning: {path}: cannot lock ({e.strerror}); two processes could write "
+                  f"this run dir at once", file=sys.stderr, flush=True)
             locked, waited = False, False
         try:
             yield waited
