@@ -144,23 +144,17 @@ def _training(lz: LeverSizes, device, where, peaks) -> list[Row]:
 
 
 def _compile_row(name, batch, device, where, peaks, step, flops, lz) -> Row:
-    """Cold compile: inductor's on-disk cache (kept across processes, in /tmp by default) is
-    pointed at an empty folder, so the first step pays the whole compilation."""
+    """Cold compile: dynamo reset and torch's fresh_inductor_cache (empty on-disk inductor and
+    Triton caches, in-memory caches cleared), so the first step pays the whole compilation."""
     eager, _ = step([])
     compiled, _ = step(["train.compile=true"])
-    torch._dynamo.reset()  # and no compiled code of an earlier row kept in memory
-    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-        try:
-            start = time.perf_counter()
-            compiled()  # traces and compiles (inductor): minutes on a CPU
-            first = time.perf_counter() - start
-        finally:
-            if old is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+    from torch._inductor.utils import fresh_inductor_cache  # only here: slow to import
+
+    torch._dynamo.reset()  # no compiled code of an earlier row kept in memory
+    with fresh_inductor_cache():
+        start = time.perf_counter()
+        compiled()  # traces and compiles (inductor): minutes on a CPU
+        first = time.perf_counter() - start
     s = side_by_side({"plain": eager, "compiled": compiled}, warmup=lz.train_warmup,
                      reps=lz.train_steps, device=device)
     compile_s = first - s["compiled"]
@@ -257,6 +251,13 @@ def _dip_two_cores(lz, device, where, peaks, flops) -> list[Row]:
                  peaks.get(("conv", "fp32"))) for k, v in results.items()]
 
 
+def _child_env(threads: int) -> dict:
+    """The environment of a child Python: this repository importable, `threads` OpenMP threads."""
+    return os.environ | {"OMP_NUM_THREADS": str(threads),
+                         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                                     os.environ.get("PYTHONPATH")]))}
+
+
 def _two_processes(half: int, iters: int) -> float:
     code = ("import json, time, torch; torch.set_num_threads(1); "
             "from bench.dip_throughput import time_batch; "
@@ -264,9 +265,7 @@ def _two_processes(half: int, iters: int) -> float:
             "t = time.perf_counter(); "
             f"time_batch({half}, {iters}, 'cpu', torch.float32); "
             "print(json.dumps([t, time.perf_counter()]))")
-    env = os.environ | {"OMP_NUM_THREADS": "1",
-                        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                                    os.environ.get("PYTHONPATH")]))}
+    env = _child_env(1)
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                               env=env, cwd=REPO) for _ in range(2)]
     spans = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
@@ -332,9 +331,7 @@ def _train_job(data_dir: Path, tmp: Path, tag: str, lz: LeverSizes, *, processes
             f"data.num_workers={workers}", f"train.log_every_images={per_log}",
             "train.sample_num_images=0", "train.checkpoint_every_images=100000000",
             "train.sample_every_images=100000000", *speed_overrides("train.")]
-    env = os.environ | {"OMP_NUM_THREADS": str(threads),
-                        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                                    os.environ.get("PYTHONPATH")]))}
+    env = _child_env(threads)
     if processes == 1:
         cmd = [sys.executable, "-m", "jobs.train", *args]
     else:

@@ -7,8 +7,7 @@ with jobs.sample's samples/*.json). Absolute paths inside the copied text files 
 that nothing of the machine that ran the study leaks out and the copies point at each other:
 the study dir becomes the export folder (relative to where the export runs, normally the
 repository's root), a project config named by its path in a checkout `configs/NAME.yaml`, the
-data dir
-becomes `EXPORT_DATA`. `export.json` beside them records, per planned stage, its estimate
+data dir `EXPORT_DATA`. `export.json` beside them records, per planned stage, its estimate
 (dipddpm/study/estimate.py, before anything ran), its wall time and where that comes from, and
 the machine. `python -m jobs.report <folder>` then writes RESULTS.md there (see
 dipddpm/report/study_report.py), the same bytes every time from the same files.

@@ -72,17 +72,19 @@ class StageTask(submitit.helpers.Checkpointable):
     whole wave's array; on preemption the task is requeued with run.resume=true."""
 
     def __call__(self, job: str, argv: list[str]):
-        with run_dir_lock(run_dir_of(argv)) as waited:
-            plain = [a for a in argv if a != RESUME]
+        run_dir = run_dir_of(argv)
+        plain = [a for a in argv if a != RESUME]
+        cfg = stage_config(plain)
+        with run_dir_lock(run_dir) as waited:
             # checked under the lock: another process may have finished it since it was planned
-            if recorded(plain, stage_config(plain)):
-                print(f"{run_dir_of(argv)}: finished by "
+            if recorded(plain, cfg):
+                print(f"{run_dir}: finished by "
                       f"{'the process waited for' if waited else 'another process'}", flush=True)
                 return
             start = time.perf_counter()
             JobTask(job, project_root=str(Path(__file__).resolve().parents[2]))(argv)
-            atomic_write_json(run_dir_of(argv) / STAGE_FILE,
-                              {"job": job, "argv": plain, "config": stage_config(plain).to_dict(),
+            atomic_write_json(run_dir / STAGE_FILE,
+                              {"job": job, "argv": plain, "config": cfg.to_dict(),
                                "seconds": time.perf_counter() - start})
 
     def checkpoint(self, job: str, argv: list[str]):
