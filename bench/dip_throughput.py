@@ -25,6 +25,7 @@ import torch
 from bench.common import now
 from dipddpm.dip.fit import FitSettings, fit_batch, fit_single
 from dipddpm.models.dip import SkipSpec
+from dipddpm.precision import default_device
 
 GFLOP_PER_IMAGE_ITER = 1.33  # the study's net at 28x28, forward + backward
 
@@ -74,7 +75,7 @@ def time_batch(b: int, iters: int, device, dtype, formulation: str = "grouped",
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--batch", type=int, nargs="+", default=[8, 16])
     p.add_argument("--iters", type=int, default=20, help="timed iterations per fit")
     p.add_argument("--single-images", type=int, default=2, help="images for the one-at-a-time loop")

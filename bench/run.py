@@ -57,7 +57,7 @@ from dipddpm.cli import exit_with
 from dipddpm.config import UserError, load_config, parse_override
 from dipddpm.diffusion import Diffusion, ddim_sample, ddpm_sample
 from dipddpm.models.unet import build_unet, count_parameters
-from dipddpm.precision import FastForward, autocast, resolve
+from dipddpm.precision import FastForward, autocast, default_device, resolve
 from dipddpm.runs import atomic_write_json, atomic_write_text
 from dipddpm.train.ema import EMA
 from dipddpm.train.loop import make_optimizer
@@ -346,7 +346,7 @@ def bench_priors(sz: Sizes, data_dir: Path, single_rate: float, peaks: dict) -> 
     from jobs import precompute_priors
 
     # the job picks its device itself: the GPU whenever there is one
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     where = short_device(device)
     formulation, precision = dip_settings()
 
@@ -406,7 +406,7 @@ def main(argv=None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CPU sizes: a few minutes")
     p.add_argument("--preset", choices=sorted(PRESETS), help=argparse.SUPPRESS)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", default=default_device(),
                    choices=["cpu", "cuda"])
     p.add_argument("--data", type=Path, default=Path("data/fashion-mnist"),
                    help="prepared shards (jobs.prepare_data) for the priors row and the levers' "

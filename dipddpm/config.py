@@ -278,12 +278,11 @@ class DIPConfig:
         formulation is left out (every formulation computes the same function, up to
         rounding), and precision is resolved for this machine and left out when fp32, so work
         finished before these keys existed still matches and is not redone."""
-        from dipddpm.precision import resolve  # late: keeps config free of torch at import
-        import torch
+        from dipddpm.precision import default_device, resolve  # late: config imports no torch
 
         out = dataclasses.asdict(self)
         del out["formulation"]
-        precision = resolve(out.pop("precision"), "cuda" if torch.cuda.is_available() else "cpu")
+        precision = resolve(out.pop("precision"), default_device())
         if precision != "fp32":
             out["precision"] = precision
         return out

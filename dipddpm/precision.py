@@ -1,4 +1,5 @@
-"""The precision a fast path computes in, and whether this machine runs bf16 natively.
+"""The device a job runs on by default, the precision a fast path computes in, and whether this
+machine runs bf16 natively.
 
 Three config keys name a precision: `train.mixed_precision` (Accelerate's words: no, fp16, bf16,
 plus auto), `dip.precision` and `sample.precision` (fp32, bf16, auto). "auto" is bf16 where the
@@ -34,6 +35,11 @@ def _cpu_flags() -> frozenset:
     except OSError:
         pass
     return frozenset()
+
+
+def default_device() -> str:
+    """'cuda' where torch sees a GPU, else 'cpu': the device every job uses unless told otherwise."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @functools.lru_cache(maxsize=None)

@@ -48,6 +48,7 @@ from dipddpm.dip.fit import FitSettings, fit_by_key
 from dipddpm.dip.metrics import psnr
 from dipddpm.dip.table import SWEEP_KEYS
 from dipddpm.models.dip import SkipSpec
+from dipddpm.precision import default_device
 from dipddpm.progress import bar as progress_bar
 from dipddpm.runs import atomic_path, atomic_write_json, read_json
 
@@ -217,7 +218,7 @@ def precompute(cfg: Config, *, progress: bool = True) -> dict:
                               f"of {cfg.data.dir} has {len(shards)} shards")
         shards = [shards[cfg.priors.shard]]
     settings = settings_of(cfg, manifest["splits"][cfg.priors.split]["fingerprint"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     entries = [precompute_shard(cfg, e, settings, device=device, progress=progress)
                for e in shards]
     manifest = rebuild_manifest(prior_dir(cfg), settings)

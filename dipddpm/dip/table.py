@@ -46,6 +46,7 @@ from dipddpm.dip.degrade import degrade
 from dipddpm.dip.fit import FitSettings, fit_by_key
 from dipddpm.dip.metrics import psnr
 from dipddpm.models.dip import SkipSpec
+from dipddpm.precision import default_device
 from dipddpm.runs import (RESULTS_FILE, atomic_path, atomic_write_json, atomic_write_text,
                           prepare_run_dir)
 from dipddpm.tracking import Tracker
@@ -304,7 +305,7 @@ def run_dip_table(cfg: Config, *, progress: bool = True) -> dict:
     W&B; return the results dict."""
     run_dir = prepare_run_dir(cfg, reads=READS)
     clean, keys = load_clean(cfg)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     total = len(cfg.dip.sigmas) * len(keys) * cfg.dip.iters
     all_curves = []
     with Tracker(run_dir, cfg, "fit_dip") as tracker, \

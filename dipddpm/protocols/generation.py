@@ -118,6 +118,7 @@ from dipddpm.evaluate import (classifier_dir, feature_stats, frechet_distance, k
 from dipddpm.evaluate.flops import dip_iteration_gflop, unet_forward_gflop
 from dipddpm.evaluate.inception import describe, floor_fid, inception_fid, load_inception
 from dipddpm.models.dip import SkipSpec
+from dipddpm.precision import default_device
 from dipddpm.progress import bar
 from dipddpm.protocols.arms import CountingModel, ETA, start_at, to_diffusion
 from dipddpm.runs import (RESULTS_FILE, SAMPLES_DIR, atomic_path, atomic_write_json,
@@ -621,7 +622,7 @@ def fit_sources(cfg: Config, device=None) -> dict:
         raise ConfigError("protocol.dip_cache = '': --fit-sources-only fills that cache; name a "
                           "folder (the generation job must then name the same one)")
     p = cfg.protocol
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     served = {"data_free": p.gen_data_free_iters == 0,  # the untrained nets: nothing to fit
               "train": bool(p.gen_priors_dir), "heldout": bool(p.gen_heldout_priors_dir)}
     out = {}

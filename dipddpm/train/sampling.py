@@ -39,7 +39,7 @@ from dipddpm.config import Config, ConfigError, config_from_dict
 from dipddpm.data import load_split
 from dipddpm.diffusion import Diffusion, ddim_timesteps, sample
 from dipddpm.models.unet import build_unet
-from dipddpm.precision import FastForward, resolve
+from dipddpm.precision import FastForward, default_device, resolve
 from dipddpm.progress import bar
 from dipddpm.runs import CONFIG_FILE, SAMPLES_DIR, atomic_write_bytes, atomic_write_json, \
     prepare_run_dir
@@ -74,7 +74,7 @@ def load_trained(where, cfg: Config, device=None):
     except RuntimeError as e:
         raise ConfigError(f"{weights}: weights do not fit model.name = "
                           f"{trained.model.name!r} ({str(e).splitlines()[0]})") from None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     model.to(device).eval().requires_grad_(False)
     s = cfg.sample
     if resolve(s.precision, device) != "fp32" or s.channels_last:
