@@ -175,7 +175,7 @@ def fit_estimates(cfg: Config, target: np.ndarray, keys: list[str], device, *,
     m = None if mask is None else torch.from_numpy(mask)
     est, ran, seconds = [], [], 0.0
     # the target stands in for the clean image: fit_by_key records PSNRs against it, unused here
-    with bar(len(keys) * settings.iters, "DIP fits", unit="img-it", unit_scale=True) as fits:
+    with bar(len(keys) * settings.max_iters, "DIP fits", unit="img-it", unit_scale=True) as fits:
         for _, r in fit_by_key(y, m, y, keys, spec, settings, run_seed=cfg.run.seed,
                                batch_size=dip.batch_size, device=device,
                                on_iter=lambda t, n: fits.update(n),

@@ -223,7 +223,8 @@ def dip_estimates(cfg: Config, clean, keys, y, mask, device,
     parts: dict = {k: [] for k in ("budget", "es_raw", "es_ema", "best_raw", "best_ema",
                                    "es_cost", "es_iter", "decided", "raw_iter", "ema_iter",
                                    "raw_psnr", "ema_psnr", "run", "curve_raw", "curve_ema")}
-    fits_bar = bar(len(keys) * dip.iters, "DIP fits", unit="img-it", unit_scale=True)
+    # the most the fits can run: nets that ES-WMV has decided stop early, so it may end short
+    fits_bar = bar(len(keys) * settings.max_iters, "DIP fits", unit="img-it", unit_scale=True)
     seconds = 0.0
     for _, r in fit_by_key(y, mask, clean, keys, spec, settings, run_seed=cfg.run.seed,
                            batch_size=dip.batch_size, device=device,
