@@ -430,6 +430,10 @@ class ProtocolConfig:
     # (each image's best iteration: needs the clean image, a bound)
     start_estimates: list[str] = field(default_factory=lambda: ["budget", "es_wmv", "oracle"])
     steps: list[int] = field(default_factory=lambda: [5, 10, 20, 50])  # K reverse steps (NFE <= t0)
+    # more K for the chains that use the DDPM alone, no estimate (direct, noise_start; K > t0
+    # runs t0), so that the baselines reach the DIP starts' cost: [1000] gives the noise start
+    # its whole T-step chain, as much compute as a few hundred DIP iterations
+    ddpm_only_steps: list[int] = field(default_factory=list)
     samplers: list[str] = field(default_factory=lambda: ["ddpm", "ddim"])  # ddpm = eta 1, ddim = eta 0
     blur_sigma: float = 0.5  # cheap denoiser: Gaussian blur of y (px); 0.5 beat 0.6-1.0 at sigma 25
     inpaint_consistency: bool = True  # RePaint-style: re-impose the noised known pixels each step
@@ -466,7 +470,7 @@ class ProtocolConfig:
             fail("tasks", self.tasks, f"each must be one of {', '.join(TASKS)}")
         if any(s <= 0 for s in self.sigmas):
             fail("sigmas", self.sigmas, "must all be > 0 (denoising noise std, 0-255 scale)")
-        for key in ("t0s", "steps", "gen_ddim_steps", "gen_t0s"):
+        for key in ("t0s", "steps", "ddpm_only_steps", "gen_ddim_steps", "gen_t0s"):
             if any(v < 1 for v in getattr(self, key)):
                 fail(key, getattr(self, key), "must all be >= 1")
         for key in ("start_c", "sigma_t0s"):

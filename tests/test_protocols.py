@@ -304,9 +304,11 @@ def test_restore_job_writes_results_table_figures_and_wandb(tiny_world, tmp_path
     from jobs.restore import main
 
     run_dir = tmp_path / "restore"
-    main(restore_args(tiny_world, run_dir, "wandb.mode=offline", "protocol.sigmas=[25]"))
+    main(restore_args(tiny_world, run_dir, "wandb.mode=offline", "protocol.sigmas=[25]",
+                      "protocol.ddpm_only_steps=[1000]"))
     res = json.loads((run_dir / "results.json").read_text())
     assert res["protocol"] == "restoration" and res["num_images"] == 4 and res["T"] == 30
+    assert res["steps"] == [2] and res["ddpm_only_steps"] == [1000]
     assert res["observation"] == "gaussian" and len(res["answer"]) == 2
     g_unet, g_dip = res["gflop"]["unet_forward"], res["gflop"]["dip_iteration"]
     assert g_unet == pytest.approx(0.1178, rel=0.01) and g_dip > 0
@@ -357,11 +359,17 @@ def test_restore_job_writes_results_table_figures_and_wandb(tiny_world, tmp_path
         # inpainting: no e from y, so CCDF's rule runs with the oracle e only
         assert rules == ({"c*e_oracle", "sigma", "t0"} if inpaint
                          else {"c*e", "c*e_oracle", "sigma", "t0"})
+        # the DDPM alone also runs ddpm_only_steps (K = 1000 runs its whole chain), the starts
+        # from an estimate only protocol.steps
+        assert {r["steps"] for r in t["rows"] if r["arm"] in ("dip_start", "cheap_start")} \
+            <= {1, 2}
         if inpaint:
-            assert {r["t0"] for r in t["rows"] if r["arm"] == "noise_start"} == {30}
+            noise = [r for r in t["rows"] if r["arm"] == "noise_start"]
+            assert {r["t0"] for r in noise} == {30} and [r["steps"] for r in noise] == [2, 30]
         else:
             direct = [r for r in t["rows"] if r["arm"] == "direct"]
-            assert [r["steps"] for r in direct] == [1, 2] and direct[0]["t0"] == t["t_star"]
+            assert direct[0]["t0"] == t["t_star"]
+            assert [r["steps"] for r in direct] == sorted({1, 2, t["t_star"]})
         assert t["front"] and all(t["rows"][i]["baseline"] for i in t["front"])
         assert set(t["answer"]["best"]) >= {"delta_psnr", "delta_ci95", "break_even_iters"}
         pc = t["answer"]["prior_check"]

@@ -101,12 +101,19 @@ def test_stage_estimates_count_the_work_of_each_stage(tmp_path):
     assert train.seconds == pytest.approx(train.gflop["train"] / 10
                                           + train.gflop["forward"] / 20)
     # restoration: 256 images x 3 tasks x (400 + patience 200) DIP iterations, charged once
-    # for the two stages that share the cache; chains: 2 samplers x K = 5 + 20 per start
+    # for the two stages that share the cache; chains: 2 samplers x K = 5 + 20 per start (every
+    # start at t0 >= 20), the DDPM alone also its whole chain: t* steps direct, T from noise
+    from dipddpm.diffusion import Diffusion, linear_betas
+    from dipddpm.protocols.arms import direct_t0
+
     last, early = costs["restore"], costs["restore-ema-img-000000060032"]
     assert last.gflop["dip"] == pytest.approx(256 * 3 * 600 * dip) and "dip" not in early.gflop
+    d = Diffusion(linear_betas(1000))
     starts = {"denoise": 2 + 2, "inpaint_box": 2}  # c = 1, 2 (e from y) + two sigma_t0s
-    nfe = sum(4 * starts[t] * 50 + 50 + (t == "denoise")
-              for t in ("denoise", "denoise", "inpaint_box"))
+    ddpm_only = {25: 2 * (25 + direct_t0(d, 25)) + 1, 50: 2 * (25 + direct_t0(d, 50)) + 1,
+                 None: 2 * (25 + 1000)}  # + Tweedie, K = 1, once
+    nfe = sum(4 * starts[t] * 50 + ddpm_only[s]
+              for t, s in (("denoise", 25), ("denoise", 50), ("inpaint_box", None)))
     assert early.gflop["forward"] == pytest.approx(256 * nfe * unet)
     # whole stages (the export's estimate vs wall time): each with the fits its time counts
     whole = estimate(stages, cfg, done=lambda s: False, progress=False)

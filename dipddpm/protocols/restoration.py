@@ -20,7 +20,9 @@ Rows without a chain (compute: their DIP iterations only)
                   oracle/raw, oracle/ema, oracle/best   each image's best iteration within the
                                budget for the raw output, the EMA, or whichever is better:
                                needs the clean image, a bound, never a method (oracle: true)
-Chains (compute: nfe U-Net forwards + the DIP iterations of their estimate)
+Chains (compute: nfe U-Net forwards + the DIP iterations of their estimate), K reverse steps for
+each K of protocol.steps; the chains of the DDPM alone (direct, noise_start) also for each K of
+protocol.ddpm_only_steps, so that the baselines' front reaches the DIP starts' cost
   direct        denoising only: y scaled to the diffusion's x_{t*} (t*: the step whose noise
                 level matches the observation's), no prior; K = 1 is one step to the posterior
                 mean (Tweedie), K > 1 the respaced chain
@@ -61,6 +63,7 @@ results.json:
    "device": str, "model": {...load_trained info...}, "T": int, "observation": str,
    "dip": {"iters", "es_window", "es_patience", "settings"...}, "blur_sigma": float,
    "inpaint_consistency": bool, "start_c": [float], "sigma_t0s": [float], "t0s": [int],
+   "steps": [int], "ddpm_only_steps": [int],
    "oracle_e": bool, "start_estimates": [str],
    "gflop": {"unet_forward": float, "dip_iteration": float},
    "bootstrap": {"resamples": int, "seed": int},
@@ -126,6 +129,7 @@ from dipddpm.train.sampling import load_trained
 
 MAX_DB = 100.0
 BASELINE_ARMS = ("observation", "cheap", "direct", "cheap_start", "noise_start")
+DDPM_ONLY_ARMS = ("direct", "noise_start")  # chains from no estimate: y itself, pure noise
 COLUMNS = ["task", "arm", "estimate", "output", "sampler", "start_rule", "c",
            "sigma_t0_requested", "sigma_t0", "t0", "steps", "nfe", "dip_iters",
            "gflop_per_image", "psnr", "psnr_hole", "ssim", "delta_psnr", "delta_vs",
@@ -450,6 +454,13 @@ def effective_steps(steps: list[int], t0: int) -> list[int]:
     return sorted({min(k, t0) for k in steps})
 
 
+def chain_steps(p, arm: str) -> list[int]:
+    """The K values an arm's chains run: protocol.steps, for the DDPM alone (direct, noise_start)
+    also protocol.ddpm_only_steps, for the direct start also K = 1 (Tweedie)."""
+    return p.steps + (p.ddpm_only_steps if arm in DDPM_ONLY_ARMS else []) \
+        + ([1] if arm == "direct" else [])
+
+
 def chain_plan(samplers: list[str], steps: list[int], t0: int) -> list[tuple[str, int]]:
     """(sampler, K) pairs with distinct chains: K = 1 is the same step for every sampler, so it
     runs once (as ddim when that is among the samplers)."""
@@ -556,8 +567,7 @@ def run_task(cfg: Config, model, diffusion: Diffusion, clean_np, keys, task, sig
 
     def chains(arm, source_kw, t0, start, *, estimate=None, iters=0.0, oracle=False,
                cache=None):
-        for sampler, k in chain_plan(p.samplers, p.steps + ([1] if arm == "direct" else []),
-                                     t0):
+        for sampler, k in chain_plan(p.samplers, chain_steps(p, arm), t0):
             key = (sampler, k, t0)
             if cache is not None and key in cache:
                 u, nfe, s = cache[key]
@@ -654,6 +664,7 @@ def restoration(cfg: Config, model, diffusion: Diffusion, device, info: dict | N
                "dip": {k: getattr(cfg.dip, k) for k in dip_keys},
                "blur_sigma": p.blur_sigma, "inpaint_consistency": p.inpaint_consistency,
                "start_c": list(p.start_c), "sigma_t0s": list(p.sigma_t0s), "t0s": list(p.t0s),
+               "steps": list(p.steps), "ddpm_only_steps": list(p.ddpm_only_steps),
                "oracle_e": p.oracle_e, "start_estimates": list(p.start_estimates),
                "gflop": {"unet_forward": unet_forward_gflop(model),
                          "dip_iteration": dip_iteration_gflop(SkipSpec.from_config(cfg.dip))},

@@ -11,8 +11,9 @@ one core of the 2-core CPU this project's CPU study runs on, from BENCHMARKS.md)
   forward  U-Net forwards of samplers: sample grids, T-step sampling, the protocols' chains
   dip      DIP iterations (forward + backward) of fits
 
-Upper bounds where the count depends on data: a restoration chain of K steps is charged K
-forwards (it runs min(K, t0)), a fit with ES-WMV deciding is charged iters + patience. A stage
+Bounds where the count depends on data: a restoration chain runs min(K, t0) steps, with t0 from
+the config's schedule (a c x e start's e taken as the observation's noise level, an oracle e's
+start at T), a fit with ES-WMV deciding is charged iters + patience. A stage
 that is done costs nothing; a training stage under way is charged what its metrics.jsonl says
 is left; restoration stages sharing a DIP cache are charged the fits once, to the one under
 way if one is (the whole-stage estimates, progress=False, charge each its fits: its recorded
@@ -32,7 +33,9 @@ from dipddpm.dip.fit import FitSettings
 from dipddpm.evaluate.flops import dip_iteration_gflop, unet_forward_gflop
 from dipddpm.models.dip import SkipSpec
 from dipddpm.models.unet import build_unet
-from dipddpm.protocols.restoration import task_list
+from dipddpm.diffusion import Diffusion
+from dipddpm.protocols.arms import direct_t0, sigma_on_diffusion_scale, start_at
+from dipddpm.protocols.restoration import chain_plan, chain_steps, task_list
 from dipddpm.runs import CONFIG_FILE, METRICS_FILE, read_jsonl
 
 SPLITS = {"train": 60_000, "test": 10_000}  # FashionMNIST's, when data.dir has no manifest yet
@@ -90,13 +93,25 @@ def _restore(cfg: Config, unet: float, fitted_caches: set) -> dict:
     p, dip = cfg.protocol, cfg.dip
     n = p.num_images
     tasks = task_list(cfg)
-    k_sum = sum(p.steps) * len(p.samplers)
-    forwards = 0.0
-    for task, _ in tasks:
+    diffusion = Diffusion.from_config(cfg.diffusion)
+    T = diffusion.T
+
+    def chains(arm: str, t0s: list[int]) -> int:  # U-Net forwards of an arm's chains per image
+        return sum(k for t0 in t0s for _, k in chain_plan(p.samplers, chain_steps(p, arm), t0))
+
+    forwards = 0
+    for task, sigma in tasks:
         denoise = task == "denoise"
-        starts = len(p.sigma_t0s) + len(p.t0s) + len(p.start_c) * (int(denoise) + p.oracle_e)
-        sources = len(p.start_estimates) + 1  # the DIP estimates and the blur
-        forwards += sources * starts * k_sum + k_sum + (1 if denoise else 0)  # + direct/noise
+        starts = [start_at(diffusion, s)[0] for s in p.sigma_t0s] + list(p.t0s)
+        if denoise:  # c x e: an estimate's error is taken as the observation's noise, its bound
+            starts += [start_at(diffusion, c * sigma_on_diffusion_scale(sigma))[0]
+                       for c in p.start_c]
+        starts += [T] * (len(p.start_c) * p.oracle_e)  # c x the true e: at most T
+        starts = [t0 for t0 in starts if t0 < T]
+        forwards += len(p.start_estimates) * chains("dip_start", starts) \
+            + chains("cheap_start", starts) \
+            + (chains("direct", [direct_t0(diffusion, sigma)]) if denoise
+               else chains("noise_start", [T]))
     work = {"forward": n * forwards * unet}
     cache = p.dip_cache or None
     if not p.priors_dir and (cache is None or cache not in fitted_caches):
