@@ -13,7 +13,7 @@ one core of the 2-core CPU this project's CPU study runs on, from BENCHMARKS.md)
 
 Bounds where the count depends on data: a restoration chain runs min(K, t0) steps, with t0 from
 the config's schedule (a c x e start's e taken as the observation's noise level, an oracle e's
-start at T), a fit with ES-WMV deciding is charged iters + patience. A stage
+start at the last step below T), a fit with ES-WMV deciding is charged iters + patience. A stage
 that is done costs nothing; a training stage under way is charged what its metrics.jsonl says
 is left; restoration stages sharing a DIP cache are charged the fits once, to the one under
 way if one is (the whole-stage estimates, progress=False, charge each its fits: its recorded
@@ -29,11 +29,11 @@ from typing import Optional
 from dipddpm.config import Config
 from dipddpm.data.idx import DataError
 from dipddpm.data.shards import load_manifest
+from dipddpm.diffusion import Diffusion
 from dipddpm.dip.fit import FitSettings
 from dipddpm.evaluate.flops import dip_iteration_gflop, unet_forward_gflop
 from dipddpm.models.dip import SkipSpec
 from dipddpm.models.unet import build_unet
-from dipddpm.diffusion import Diffusion
 from dipddpm.protocols.arms import direct_t0, sigma_on_diffusion_scale, start_at
 from dipddpm.protocols.restoration import chain_plan, chain_steps, task_list
 from dipddpm.runs import CONFIG_FILE, METRICS_FILE, read_jsonl
@@ -106,7 +106,7 @@ def _restore(cfg: Config, unet: float, fitted_caches: set) -> dict:
         if denoise:  # c x e: an estimate's error is taken as the observation's noise, its bound
             starts += [start_at(diffusion, c * sigma_on_diffusion_scale(sigma))[0]
                        for c in p.start_c]
-        starts += [T] * (len(p.start_c) * p.oracle_e)  # c x the true e: at most T
+        starts += [T - 1] * (len(p.start_c) * p.oracle_e)  # c x the true e: below T at most
         starts = [t0 for t0 in starts if t0 < T]
         forwards += len(p.start_estimates) * chains("dip_start", starts) \
             + chains("cheap_start", starts) \
