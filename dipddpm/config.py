@@ -445,6 +445,10 @@ class ProtocolConfig:
     curve_num_images: int = 1000  # samples per snapshot (the floor is taken at the same N)
     curve_steps: int = 50  # DDIM steps per sample
     curve_every: int = 1  # every k-th snapshot (and always the last)
+    # the last snapshot again at a larger N (0: not): the trained model's headline FID, beside
+    # the floor at that N (a FID at N = 1,000 sits well above its value at N = 10,000)
+    curve_final_num_images: int = 0
+    curve_final_steps: int = 100  # DDIM steps of that draw
     batch_size: int = 256  # images per reverse-chain batch
     # generation (dipddpm/protocols/generation.py)
     gen_num_images: int = 1000  # N samples per arm for FID/KID (every FID states N and its floors)
@@ -463,7 +467,7 @@ class ProtocolConfig:
 
     def check(self, fail):
         for key in ("num_images", "batch_size", "gen_num_images", "gen_steps", "curve_num_images",
-                    "curve_steps", "curve_every"):
+                    "curve_steps", "curve_every", "curve_final_steps"):
             if getattr(self, key) < 1:
                 fail(key, getattr(self, key), "must be >= 1")
         if not self.tasks or any(t not in TASKS for t in self.tasks):
@@ -483,6 +487,9 @@ class ProtocolConfig:
             fail("samplers", self.samplers, "each must be ddpm or ddim")
         if not 0 < self.blur_sigma <= 9:  # reflection padding of radius 3 sigma needs < 28 px
             fail("blur_sigma", self.blur_sigma, "must be in (0, 9] pixels")
+        if self.curve_final_num_images == 1 or self.curve_final_num_images < 0:
+            fail("curve_final_num_images", self.curve_final_num_images,
+                 "must be 0 (no final draw) or >= 2 (FID needs at least 2 images)")
         if self.gen_num_images < 2:
             fail("gen_num_images", self.gen_num_images, "FID and KID need at least 2 images")
         if any(s <= 0 for s in self.gen_sigma_t0s):

@@ -4,14 +4,14 @@
 
 Walks RUNS_DIR for run dirs (folders with config.yaml), sorts them by their results.json, and
 writes RUNS_DIR/REPORT.md; plots go to run.dir (default RUNS_DIR/report), which also holds the
-report's W&B run with the same tables. Never reads W&B. See dipddpm/report/study_report.py.
+report's W&B run with the same tables. For a study exported by `jobs.study --export` it writes
+RESULTS.md, and no W&B run. Never reads W&B. See dipddpm/report/study_report.py.
 """
 import argparse
-import os
 
 from dipddpm.cli import exit_with
 from dipddpm.config import load_config
-from dipddpm.report.study_report import build_report
+from dipddpm.report.study_report import build_report, report_overrides
 
 
 def main(argv=None):
@@ -22,9 +22,8 @@ def main(argv=None):
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="override any config key, typed by the schema")
     args = p.parse_args(argv)
-    # first, so the user's own run.dir=... still wins
-    default_dir = f"run.dir={os.path.join(args.runs_dir, 'report')}"
-    cfg = load_config(args.config, [default_dir, *args.overrides])
+    # first, so the user's own keys still win
+    cfg = load_config(args.config, [*report_overrides(args.runs_dir), *args.overrides])
     return build_report(cfg, args.runs_dir)
 
 

@@ -240,7 +240,7 @@ def test_fid_curve_over_a_runs_snapshots_resumes_and_finds_the_plateau(world, tm
                                                                        monkeypatch):
     import shutil
 
-    import dipddpm.protocols.fid_curve as fc
+    import dipddpm.protocols.generation as gen_protocol
     from dipddpm.config import UserError
     from jobs.fid_curve import main as curve_main
 
@@ -255,7 +255,8 @@ def test_fid_curve_over_a_runs_snapshots_resumes_and_finds_the_plateau(world, tm
                    run / f"weights/ema-img-{images:012d}.pt")
     args = ["--config", "configs/generation.yaml", f"protocol.checkpoint={run}",
             "protocol.curve_num_images=6", "protocol.curve_steps=2", "protocol.batch_size=4",
-            "protocol.curve_every=2", "wandb.mode=disabled", *world["base"]]
+            "protocol.curve_every=2", "protocol.curve_final_num_images=7",
+            "protocol.curve_final_steps=3", "wandb.mode=disabled", *world["base"]]
     out = tmp_path / "curve"
     res = curve_main([*args, f"run.dir={out}"])
     assert [q["images_seen"] for q in res["points"]] == [32, 48]  # every 2nd, and the last
@@ -265,14 +266,27 @@ def test_fid_curve_over_a_runs_snapshots_resumes_and_finds_the_plateau(world, tm
     assert res["plateau"]["fid"] <= 1.1 * best
     assert (out / "fid_vs_epochs.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / res["points"][0]["grid"]).is_file()
-    monkeypatch.setattr(fc, "draw", None)  # a rerun reads the finished snapshots back
+    # the last weights again at their own N and K, with the floor at that N; kept by batch
+    final = res["final"]
+    assert (final["n"], final["steps"], final["nfe"], final["floor"]["n"]) == (7, 3, 3, 7)
+    assert final["weights"] == res["points"][-1]["weights"] and final["epoch"] == 3.0
+    assert final["fid"] != res["points"][-1]["fid"] and (out / final["grid"]).is_file()
+    batches = sorted((out / "final/ema-img-000000000048").glob("batch-*.pt"))
+    assert [b.name for b in batches] == ["batch-00000.pt", "batch-00001.pt"]  # 4 + 3 images
+    # a draw cut short resumes inside itself: the missing batch is drawn again, the same
+    batches[1].unlink()
+    assert curve_main([*args, f"run.dir={out}"])["final"]["fid"] == pytest.approx(final["fid"])
+    monkeypatch.setattr(gen_protocol, "ddim_sample", None)  # a rerun reads everything back
     assert curve_main([*args, f"run.dir={out}"])["points"] == res["points"]
     report_main([str(tmp_path), "wandb.mode=disabled"])
     report = (tmp_path / "REPORT.md").read_text()
     assert "FID vs training" in report and "Plateau (first snapshot" in report
     assert "](curve/fid_vs_epochs.png)" in report
+    assert "The trained DDPM (its last weights): epoch 3.00, N = 7, DDIM 3 steps: FID " in report
     with pytest.raises(UserError, match="no weights/ema-img-"):
         curve_main([*args, f"run.dir={tmp_path / 'x'}", f"protocol.checkpoint={world['ddpm']}"])
+    with pytest.raises(UserError, match="protocol.curve_final_num_images = 100000: its real-vs"):
+        curve_main([*args, f"run.dir={tmp_path / 'x'}", "protocol.curve_final_num_images=100000"])
     assert not (tmp_path / "x").exists()
 
 

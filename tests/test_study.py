@@ -115,6 +115,10 @@ def test_stage_estimates_count_the_work_of_each_stage(tmp_path):
     nfe = sum(4 * starts[t] * 50 + ddpm_only[s]
               for t, s in (("denoise", 25), ("denoise", 50), ("inpaint_box", None)))
     assert early.gflop["forward"] == pytest.approx(256 * nfe * unet)
+    # FID vs training: every 2nd of 20 epoch snapshots at N = 1,000 x 50 steps, then the last
+    # weights at N = 10,000 x 100 steps
+    assert costs["fid_curve"].gflop["forward"] == pytest.approx((10 * 1000 * 50 + 10_000 * 100)
+                                                                * unet)
     # whole stages (the export's estimate vs wall time): each with the fits its time counts
     whole = estimate(stages, cfg, done=lambda s: False, progress=False)
     assert whole["restore-ema-img-000000060032"].gflop["dip"] == last.gflop["dip"]
@@ -220,10 +224,12 @@ def test_micro_study_inline_writes_the_report_and_a_rerun_skips_everything(micro
     assert (out / "restore/results.json").is_file() and list(out.glob("train/*/samples/*.png"))
     results = (out / "RESULTS.md").read_text()
     assert "## Stages" in results and "| restore | restore |" in results
+    exported = sorted(out.rglob("*"))
     (out / "RESULTS.md").unlink()
-    r = run_module("jobs.report", str(out), "wandb.mode=disabled", timeout=300)
+    r = run_module("jobs.report", str(out), timeout=300)  # the plain command, W&B as configured
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "RESULTS.md").read_text() == results
+    assert sorted(out.rglob("*")) == exported  # and nothing beside it (no W&B run, no changes)
     # everything is done: a rerun only writes the report again
     r = run_module("jobs.study", *args, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -6,7 +6,10 @@ protocol.curve_num_images samples from pure noise with DDIM (eta 0, protocol.cur
 the same per-batch noise for every snapshot) and take the classifier FID/KID against the train
 split's statistics, beside the real-vs-real floor at the same N. The plateau is the first
 snapshot whose FID is within PLATEAU (10%) of the best snapshot's: the training length past it
-buys little FID at this N.
+buys little FID at this N. With protocol.curve_final_num_images the last snapshot is drawn once
+more at that N with protocol.curve_final_steps DDIM steps: the trained model's headline FID,
+beside the floor at the same N (FID falls with N, so only same-N numbers compare). That draw
+keeps each finished batch in run.dir/final/<stem>/, so an interrupted run resumes inside it.
 
     python -m jobs.fid_curve --config configs/generation.yaml protocol.checkpoint=runs/ddpm
 
@@ -16,7 +19,10 @@ results.json:
    "epoch": float, "fid": float},
    "points": [{"weights": str, "images_seen": int, "epoch": float, "step": int,
                "fid": float, "kid": float, "kid_std": float, "seconds_per_sample": float,
-               "grid": "samples/<stem>.png"}]}
+               "grid": "samples/<stem>.png"}],
+   "final": null | {"weights": str, "epoch": float, "n": int, "steps": int, "nfe": int,
+                    "fid": float, "kid": float, "kid_std": float, "seconds_per_sample": float,
+                    "floor": {...real_vs_real_floor at n...}, "grid": "samples/final-<stem>.png"}}
 Each finished snapshot is kept in run.dir/points/<stem>.json, so a rerun resumes after it.
 """
 from __future__ import annotations
@@ -94,9 +100,34 @@ def fid_curve(cfg: Config, run_dir: Path, device=None, log=print) -> dict:
             f" at N = {n})")
         atomic_write_json(done, point)
         points.append(point)
+    final = None
+    if p.curve_final_num_images:
+        final = final_fid(cfg, run_dir, clf, picked[-1][1], points[-1]["epoch"], device, log)
     return {"protocol": "fid_curve", "n": n, "sampler": "ddim", "steps": p.curve_steps,
             "train_images": n_train, "checkpoint": str(train_dir), "floor": floor,
-            "plateau": plateau(points), "points": points}
+            "plateau": plateau(points), "points": points, "final": final}
+
+
+def final_fid(cfg: Config, run_dir: Path, clf, weights: Path, epoch: float, device, log) -> dict:
+    """The last snapshot at protocol.curve_final_num_images samples, DDIM
+    protocol.curve_final_steps steps, with the floor at that N."""
+    p, c = cfg.protocol, cfg.classifier
+    n = p.curve_final_num_images
+    floor = real_vs_real_floor(clf, cfg.data.dir, n, seed=cfg.run.seed,
+                               kid_subset_size=c.kid_subset_size,
+                               kid_num_subsets=c.kid_num_subsets)
+    model, diffusion, _ = load_trained(weights, cfg, device)
+    x, nfe, seconds = draw(model, diffusion, n, p.batch_size, cfg.run.seed,
+                           next(model.parameters()).device, sampler="ddim",
+                           steps=p.curve_final_steps, cache=run_dir / "final" / weights.stem)
+    m = sample_metrics(clf, cfg.data.dir, x, c.kid_subset_size, c.kid_num_subsets, cfg.run.seed)
+    grid = f"samples/final-{weights.stem}.png"
+    save_grid(x[:GRID], run_dir / grid)
+    log(f"  final, epoch {epoch:5.2f}: FID {m['fid']:.2f} (floor {floor['fid_vs_train']:.2f} "
+        f"at N = {n}), DDIM {p.curve_final_steps} steps")
+    return {"weights": str(weights), "epoch": epoch, "n": n, "steps": p.curve_final_steps,
+            "nfe": nfe, "fid": m["fid"], "kid": m["kid"], "kid_std": m["kid_std"],
+            "seconds_per_sample": seconds, "floor": floor, "grid": grid}
 
 
 def curve_plot(results: dict, path: Path) -> Path:
@@ -123,6 +154,11 @@ def run_fid_curve(cfg: Config, device=None) -> dict:
         raise UserError("protocol.checkpoint: set it to the training run dir whose weights/ "
                         "snapshots to evaluate")
     snapshots(Path(cfg.protocol.checkpoint), cfg.protocol.curve_every)  # before run.dir is written
+    n_test = load_manifest(cfg.data.dir)["splits"]["test"]["count"]
+    for key in ("curve_num_images", "curve_final_num_images"):
+        if getattr(cfg.protocol, key) > n_test:  # each floor draws N real test images
+            raise UserError(f"protocol.{key} = {getattr(cfg.protocol, key)}: its real-vs-real "
+                            f"floor needs that many test images; the test split holds {n_test}")
     load_classifier(classifier_dir(cfg))
     run_dir = prepare_run_dir(cfg)
     with Tracker(run_dir, cfg, "fid_curve") as tracker:
@@ -130,9 +166,14 @@ def run_fid_curve(cfg: Config, device=None) -> dict:
         atomic_write_json(run_dir / RESULTS_FILE, results)
         plot = curve_plot(results, run_dir / "fid_vs_epochs.png")
         tracker.log_image("fid_vs_epochs", plot, step=0)
+        if results["final"]:
+            tracker.log_image("final_samples", run_dir / results["final"]["grid"], step=0)
         for q in results["points"]:
             tracker.log({"fid": q["fid"], "kid": q["kid"], "epoch": q["epoch"]},
                         step=q["images_seen"])
+        final = results["final"] or {"floor": {}}
         tracker.summary({"floor/fid_vs_train": results["floor"]["fid_vs_train"],
-                         "plateau_epoch": (results["plateau"] or {}).get("epoch")})
+                         "plateau_epoch": (results["plateau"] or {}).get("epoch"),
+                         "final/fid": final.get("fid"),
+                         "final/floor_fid_vs_train": final["floor"].get("fid_vs_train")})
     return results

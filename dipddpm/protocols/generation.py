@@ -299,31 +299,42 @@ def heldout_floor(clf, data_dir, ref: Reference, n: int, kid_subset_size: int, k
 
 def draw(model, diffusion: Diffusion, n: int, batch_size: int, seed: int, device, *,
          sampler: str, steps: int, t0: Optional[int] = None,
-         u_hat: Optional[torch.Tensor] = None):
+         u_hat: Optional[torch.Tensor] = None, cache: Optional[Path] = None):
     """n samples in [-1, 1] (CPU), NFE per sample (counted), seconds per sample. From noise
     (u_hat None) or from u_hat in [0, 1] diffused to t0; batch b draws its noise from seed
-    `seed * 1_000_003 + b` in every arm."""
+    `seed * 1_000_003 + b` in every arm. With `cache` (a folder owned by this one draw), each
+    finished batch is kept there with its NFE and seconds, and a rerun reads it back: an
+    interrupted draw resumes with the same samples and the same time per sample."""
     counter = CountingModel(model)
-    out, nfe = [], None
+    out, nfe, seconds = [], None, 0.0
     lows = range(0, n, batch_size)
     first = t0 or diffusion.T
     per_chain = len(ddim_timesteps(first, steps or first))
     steps_bar = bar(len(lows) * per_chain, f"{sampler} K={steps or first} t0={first}",
                     unit="step", leave=False)
-    start = time.perf_counter()
     for b, lo in enumerate(lows):
         m = min(batch_size, n - lo)
-        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
-        counter.calls = 0
-        x0_hat = None if u_hat is None else to_diffusion(u_hat[lo:lo + m]).to(device)
-        x, _ = ddim_sample(counter, diffusion, (m, 1, 28, 28), steps=steps, eta=ETA[sampler],
-                           x0_hat=x0_hat, t0=t0, generator=gen, device=device,
-                           progress=steps_bar)
-        nfe = counter.calls if nfe is None else nfe
-        out.append(x.float().cpu())
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+        kept = cache / f"batch-{b:05d}.pt" if cache else None
+        if kept and kept.is_file():
+            batch = torch.load(kept, weights_only=True)
+            steps_bar.update(per_chain)
+        else:
+            start = time.perf_counter()
+            gen = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
+            counter.calls = 0
+            x0_hat = None if u_hat is None else to_diffusion(u_hat[lo:lo + m]).to(device)
+            x, _ = ddim_sample(counter, diffusion, (m, 1, 28, 28), steps=steps,
+                               eta=ETA[sampler], x0_hat=x0_hat, t0=t0, generator=gen,
+                               device=device, progress=steps_bar)
+            batch = {"x": x.float().cpu(), "nfe": counter.calls,  # .cpu() waits for the GPU
+                     "seconds": time.perf_counter() - start}
+            if kept:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(kept, suffix=".pt") as tmp:
+                    torch.save(batch, tmp)
+        nfe = batch["nfe"] if nfe is None else nfe
+        seconds += batch["seconds"]
+        out.append(batch["x"])
     steps_bar.close()
     return torch.cat(out), nfe, seconds / n
 

@@ -39,6 +39,14 @@ EXPORT_FILE = "export.json"
 RESULTS_REPORT_FILE = "RESULTS.md"
 
 
+def report_overrides(runs_dir) -> list[str]:
+    """The report's own defaults: its run dir is RUNS_DIR/report; an exported study (export.json)
+    gets no W&B run either, since that folder is the record and rebuilding it must write nothing
+    beside RESULTS.md and its plots."""
+    own = [f"run.dir={Path(runs_dir) / 'report'}"]
+    return own + (["wandb.mode=disabled"] if (Path(runs_dir) / EXPORT_FILE).is_file() else [])
+
+
 # ----------------------------------------------------------------------------- protocol tables
 
 def _current(res: dict) -> bool:
@@ -181,11 +189,20 @@ def fid_curve_tables(runs: Runs) -> list[Table]:
         if r.get("plateau"):
             pl = r["plateau"]
             t.notes = [f"Plateau ({pl['rule']}): epoch {pl['epoch']:.2f}, FID {fmt(pl['fid'])}."]
+        if r.get("final"):
+            t.notes.append("The last weights again: " + final_fid_sentence(r["final"]))
         plot = run.path / "fid_vs_epochs.png"
         if plot.is_file():
             t.plots.append(("FID vs epochs", plot))
         out.append(t)
     return out
+
+
+def final_fid_sentence(f: dict) -> str:
+    floor = f["floor"]
+    return (f"epoch {f['epoch']:.2f}, N = {f['n']:,}, DDIM {f['steps']} steps: FID "
+            f"{fmt(f['fid'])}, KID {fmt(f['kid'], 4)}; real vs real at the same N: FID "
+            f"{fmt(floor['fid_vs_train'])}, KID {fmt(floor['kid'], 4)}.")
 
 
 # ----------------------------------------------------------------------------- findings
@@ -211,6 +228,14 @@ def findings(runs: Runs) -> list[str]:
                        f"DDPM ({v['final_loss'] / d['final_loss']:.3g}x), and takes "
                        f"{v['train_seconds'] / max(d['train_seconds'], 1e-9):.2f}x DDPM's "
                        "training time.")
+    for run in runs["fid_curve"]:
+        r = run.results
+        if r.get("final"):
+            out.append("The trained DDPM (its last weights): " + final_fid_sentence(r["final"]))
+        if r.get("plateau"):
+            pl = r["plateau"]
+            out.append(f"FID vs training (N = {r['n']:,}, DDIM {r['steps']} steps): plateau at "
+                       f"epoch {pl['epoch']:.2f}, FID {fmt(pl['fid'])} ({pl['rule']}).")
     for run in runs["restoration"]:
         if not _current(run.results):
             continue

@@ -192,8 +192,9 @@ def estimate(stages, cfg: Config, done, progress: bool = True) -> dict[str, Cost
             kept = _train_images(owner) // t.weights_every_images if owner and \
                 t.weights_every_images else 1
             n_snap = -(-kept // c.protocol.curve_every)
-            work = {"forward": n_snap * c.protocol.curve_num_images * c.protocol.curve_steps
-                    * unet}
+            p = c.protocol
+            work = {"forward": (n_snap * p.curve_num_images * p.curve_steps
+                                + p.curve_final_num_images * p.curve_final_steps) * unet}
         elif s.job == "generate_eval":
             work = _generation(c, unet, trained.diffusion.T)
         else:

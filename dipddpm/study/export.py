@@ -42,8 +42,10 @@ def stage_seconds(kind: str, results: dict, stage: dict) -> tuple[float, str]:
                     for t in results["tasks"].values())
         return float(total), "DIP fits (the original fits' time) + chains, all resumes"
     if kind == "fid_curve" and results.get("points"):
-        return (float(sum(q["seconds_per_sample"] for q in results["points"]) * results["n"]),
-                "sampling, all snapshots")
+        final = results.get("final") or {"seconds_per_sample": 0.0, "n": 0}
+        return (float(sum(q["seconds_per_sample"] for q in results["points"]) * results["n"]
+                      + final["seconds_per_sample"] * final["n"]),
+                "sampling, all snapshots and the final draw")
     return float(stage.get("seconds", 0.0)), "the stage's last run"
 
 

@@ -32,7 +32,7 @@ from dipddpm.launch.plan import Plan
 from dipddpm.launch.submit import slurm_executor
 from dipddpm.progress import bar
 from dipddpm.launch.task import RESUME, JobTask
-from dipddpm.report.study_report import build_report
+from dipddpm.report.study_report import build_report, report_overrides
 from dipddpm.runs import STAGE_FILE, atomic_write_json, prepare_run_dir, run_dir_lock
 from dipddpm.study.estimate import estimate
 from dipddpm.study.export import export_study
@@ -202,5 +202,5 @@ def export_results(cfg: Config, out_dir) -> Path:
     print(f"{out_dir}: {done} of {len(stages)} stage(s) finished and copied", flush=True)
     # the report as `python -m jobs.report out_dir` builds it (no setting of this machine's)
     report_cfg = load_config(str(project_root() / "configs/base.yaml"),
-                             [f"run.dir={Path(out_dir) / 'report'}", "wandb.mode=disabled"])
+                             report_overrides(out_dir))
     return build_report(report_cfg, out_dir)["report"]
