@@ -349,3 +349,18 @@ def test_no_run_dirs_is_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "empty" / "report").exists()
     assert run_job(report_main, [str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_the_committed_study_results_are_what_the_report_writes_from_them(tmp_path):
+    """results/cpu-study/RESULTS.md is rebuilt byte for byte by the plain command from the
+    files beside it: no number in it is typed by hand, and a change to the report that would
+    alter it needs the results exported again."""
+    import shutil
+
+    copy = tmp_path / "cpu-study"
+    shutil.copytree(REPO / "results/cpu-study", copy)
+    committed = (copy / "RESULTS.md").read_text()
+    (copy / "RESULTS.md").unlink()
+    r = run_module("jobs.report", str(copy), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (copy / "RESULTS.md").read_text() == committed
