@@ -70,20 +70,21 @@ def releaser(slurm_cluster):
     thread.join(timeout=10)
 
 
-TIMEOUT_STEPS = 50
+TIMEOUT_STEPS = 75
 
 
 @pytest.fixture(scope="module", autouse=True)
 def timeout_run(slurm_cluster, releaser, tmp_path_factory):
-    """Submitted as this module starts, so its minute of timeouts overlaps the other tests.
+    """Submitted as this module starts, so its minutes of timeouts overlap the other tests.
 
-    1 min limit, USR2 20 s before it. SLURM checks limits every 30 s and sends the signal at
-    the first check within 20 + 30 s of the limit, so it lands 10-40 s into each start: never
-    before submitit's handler is installed (a signal then would kill the task: FAILED), and
-    always before 50 steps of 1 s are done, so the task is requeued at least once.
+    2 min limit, USR2 60 s before it. SLURM checks limits every 30 s and sends the signal at
+    the first check within 60 + 30 s of the limit, so it lands 30-60 s into each start: never
+    before submitit's handler is installed, even on a loaded machine (a signal then would kill
+    the task: FAILED), and always before 75 steps of 1 s are done, so the task is requeued at
+    least once and at most ~3 times (max_num_timeout 8).
     """
     plan = _plan(tmp_path_factory.mktemp("timeout"), f"launch.selftest_steps={TIMEOUT_STEPS}",
-                 "launch.selftest_step_s=1", "launch.timeout_min=1", "launch.signal_delay_s=20",
+                 "launch.selftest_step_s=1", "launch.timeout_min=2", "launch.signal_delay_s=60",
                  "launch.max_num_timeout=8", name="timeout")
     record, jobs = _submit(plan)
     yield plan, record, jobs
@@ -237,14 +238,17 @@ def test_sbatch_templates_run_on_the_cluster(slurm_cluster, tmp_path):
 @pytest.mark.slow
 def test_timed_out_task_requeues_and_resumes_from_its_checkpoint(timeout_run):
     plan, record, jobs = timeout_run
-    assert wait(record, timeout_s=300) == ["COMPLETED"]
+    logs = Path(plan.folder, "logs")
+    states = wait(record, timeout_s=360)
+    assert states == ["COMPLETED"], "\n".join(  # on failure, what submitit saw, start by start
+        p.read_text()[-1500:] for p in sorted(logs.rglob("*_log.*")))
     run_dir = Path(plan.tasks[0].run_dir)
     results = read_json(run_dir / "results.json")
     assert results["steps"] == TIMEOUT_STEPS
     assert results["starts"] >= 2  # requeued at least once ...
     counts = [m["count"] for m in read_jsonl(run_dir / "metrics.jsonl")]
     assert counts == list(range(1, TIMEOUT_STEPS + 1))  # ... carried on, each step once
-    log = "".join(p.read_text() for p in Path(plan.folder, "logs").rglob("*_log.err"))
+    log = "".join(p.read_text() for p in logs.rglob("*_log.err"))
     assert "this job is timed-out" in log  # submitit saw a timeout, not a preemption
     assert jobs[0].result()["steps"] == TIMEOUT_STEPS
 
