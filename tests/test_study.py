@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dipddpm.config import ConfigError, load_config
-from dipddpm.study.plan import plan_study
+from dipddpm.study.plan import describe, plan_study
 from tests.conftest import REPO, make_shards, run_module
 
 QUICKSTART = str(REPO / "configs/quickstart.yaml")
@@ -119,6 +119,10 @@ def test_stage_estimates_count_the_work_of_each_stage(tmp_path):
     # weights at N = 10,000 x 100 steps
     assert costs["fid_curve"].gflop["forward"] == pytest.approx((10 * 1000 * 50 + 10_000 * 100)
                                                                 * unet)
+    # the classifier has no FLOP model (~2 min here): the dry run and the report say so
+    assert costs["classifier"].seconds == 0 and costs["classifier"].note == "not counted"
+    assert "~0 s (not counted)" in describe(stages, costs=costs).splitlines()[
+        [s.name for s in stages].index("classifier")]
     # whole stages (the export's estimate vs wall time): each with the fits its time counts
     whole = estimate(stages, cfg, done=lambda s: False, progress=False)
     assert whole["restore-ema-img-000000060032"].gflop["dip"] == last.gflop["dip"]
@@ -224,6 +228,7 @@ def test_micro_study_inline_writes_the_report_and_a_rerun_skips_everything(micro
     assert (out / "restore/results.json").is_file() and list(out.glob("train/*/samples/*.png"))
     results = (out / "RESULTS.md").read_text()
     assert "## Stages" in results and "| restore | restore |" in results
+    assert "| classifier | train_classifier | not counted |" in results
     exported = sorted(out.rglob("*"))
     (out / "RESULTS.md").unlink()
     r = run_module("jobs.report", str(out), timeout=300)  # the plain command, W&B as configured

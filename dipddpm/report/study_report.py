@@ -401,13 +401,14 @@ def stage_lines(export: dict) -> list[str]:
              "| stage | job | estimate | wall time | ratio | wall time is |", "|---|---|---|---|---|---|"]
     for name, st in export["stages"].items():
         est = st["estimate_seconds"]
+        est_cell = minutes(est) if est else "not counted"  # the classifier: small, no FLOP model
         if st["done"]:
             wall = st["seconds"]
             ratio = fmt(wall / est) if est else DASH
-            lines.append(f"| {name} | {st['job']} | {minutes(est)} | {minutes(wall)} | {ratio} "
+            lines.append(f"| {name} | {st['job']} | {est_cell} | {minutes(wall)} | {ratio} "
                          f"| {st['seconds_are']} |")
         else:
-            lines.append(f"| {name} | {st['job']} | {minutes(est)} | not finished | {DASH} | |")
+            lines.append(f"| {name} | {st['job']} | {est_cell} | not finished | {DASH} | |")
     return lines + [""]
 
 

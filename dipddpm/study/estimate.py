@@ -197,8 +197,8 @@ def estimate(stages, cfg: Config, done, progress: bool = True) -> dict[str, Cost
                                 + p.curve_final_num_images * p.curve_final_steps) * unet}
         elif s.job == "generate_eval":
             work = _generation(c, unet, trained.diffusion.T)
-        else:
-            work = {}
+        else:  # the classifier (~2 min of one core here): no FLOP model
+            work, note = {}, "not counted"
         seconds = sum(g / rates[k] for k, g in work.items())
         out[s.name] = Cost(work, seconds, note)
     return {s.name: out[s.name] for s in stages}  # plan order
