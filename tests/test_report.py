@@ -364,3 +364,16 @@ def test_the_committed_study_results_are_what_the_report_writes_from_them(tmp_pa
     r = run_module("jobs.report", str(copy), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (copy / "RESULTS.md").read_text() == committed
+
+
+def test_a_plateau_at_the_last_snapshot_is_reported_as_still_falling():
+    from dipddpm.report.study_report import plateau_sentence
+
+    rule = "first snapshot with FID within 10% of the best"
+    pts = [{"images_seen": i * 100, "epoch": float(i), "fid": f}
+           for i, f in ((2, 30.0), (4, 8.0), (6, 7.5))]
+    falling = {"points": pts[:2], "plateau": {**pts[1], "rule": rule}}
+    assert plateau_sentence(falling).startswith("no plateau by the last snapshot: FID still fell "
+                                                "from 30.00 (epoch 2.00) to 8.00 (epoch 4.00)")
+    flat = {"points": pts, "plateau": {**pts[1], "rule": rule}}
+    assert plateau_sentence(flat) == f"plateau at epoch 4.00, FID 8.00 ({rule})"

@@ -187,8 +187,7 @@ def fid_curve_tables(runs: Runs) -> list[Table]:
             t.rows.append([f"{q['epoch']:.2f}", f"{q['images_seen']:,}", fmt(q["fid"]),
                            fmt(q["kid"], 4), fmt(q["seconds_per_sample"], 3)])
         if r.get("plateau"):
-            pl = r["plateau"]
-            t.notes = [f"Plateau ({pl['rule']}): epoch {pl['epoch']:.2f}, FID {fmt(pl['fid'])}."]
+            t.notes = [plateau_sentence(r) + "."]
         if r.get("final"):
             t.notes.append("The last weights again: " + final_fid_sentence(r["final"]))
         plot = run.path / "fid_vs_epochs.png"
@@ -233,9 +232,8 @@ def findings(runs: Runs) -> list[str]:
         if r.get("final"):
             out.append("The trained DDPM (its last weights): " + final_fid_sentence(r["final"]))
         if r.get("plateau"):
-            pl = r["plateau"]
-            out.append(f"FID vs training (N = {r['n']:,}, DDIM {r['steps']} steps): plateau at "
-                       f"epoch {pl['epoch']:.2f}, FID {fmt(pl['fid'])} ({pl['rule']}).")
+            out.append(f"FID vs training (N = {r['n']:,}, DDIM {r['steps']} steps): "
+                       f"{plateau_sentence(r)}.")
     for run in runs["restoration"]:
         if not _current(run.results):
             continue
@@ -393,6 +391,17 @@ def plot_markdown(plots: list, root: Optional[Path]) -> list[str]:
     """The table's plots right below it, linked relative to REPORT.md's folder."""
     return [f"![{title}]({Path(rel(path, root) if root else path).as_posix()})\n"
             for title, path in plots]
+
+
+def plateau_sentence(r: dict) -> str:
+    """The fid_curve's plateau; when that is its last snapshot the curve is still falling, and
+    the sentence says so rather than calling the end of training a plateau."""
+    pl, pts = r["plateau"], r["points"]
+    if len(pts) > 1 and pl["images_seen"] == pts[-1]["images_seen"]:
+        return (f"no plateau by the last snapshot: FID still fell from {fmt(pts[-2]['fid'])} "
+                f"(epoch {pts[-2]['epoch']:.2f}) to {fmt(pts[-1]['fid'])} (epoch "
+                f"{pts[-1]['epoch']:.2f}), more than the plateau rule's margin ({pl['rule']})")
+    return f"plateau at epoch {pl['epoch']:.2f}, FID {fmt(pl['fid'])} ({pl['rule']})"
 
 
 def stage_lines(export: dict) -> list[str]:
