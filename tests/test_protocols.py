@@ -431,6 +431,28 @@ def test_restore_shares_dip_fits_through_the_cache_and_resumes_by_task(tiny_worl
     again = json.loads((tmp_path / "a/results.json").read_text())
     assert again["tasks"]["denoise-s25"]["answer"]["marker"] == 1
 
+    # a task killed mid-way resumes chain by chain: kept chains are read back (same outputs,
+    # same times, the task's seconds include them), a lost one runs again with the same seeds
+    import dipddpm.protocols.restoration as rest
+
+    chains = sorted((tmp_path / "a/tasks/inpaint_box").glob("*/batch-00000.pt"))
+    assert len(chains) >= 3 and any(c.parent.name.startswith("noise_start-") for c in chains)
+    chains[0].unlink()
+    (tmp_path / "a/tasks/inpaint_box.json").unlink()
+    (tmp_path / "a/results.json").unlink()
+    ran = []
+    real_chain = rest.run_chain
+    monkeypatch.setattr(rest, "run_chain", lambda *a, **k: ran.append(1) or real_chain(*a, **k))
+    main(args(tmp_path / "a"))
+    assert len(ran) == 1
+    resumed = json.loads((tmp_path / "a/results.json").read_text())["tasks"]["inpaint_box"]
+    first = a["tasks"]["inpaint_box"]
+    rows = lambda t: [(r["arm"], r["steps"], r["psnr_images"], r["reverse_seconds_per_image"])  # noqa
+                      for r in t["rows"] if r["nfe"]]
+    assert [r[:3] for r in rows(resumed)] == [r[:3] for r in rows(first)]
+    assert sum(r[3] != q[3] for r, q in zip(rows(resumed), rows(first))) >= 1  # the rerun chain
+    assert resumed["seconds"]["rest"] >= 0.5 * first["seconds"]["rest"]
+
 
 def test_restore_job_uses_precomputed_priors(tiny_world, tmp_path):
     from dipddpm.dip.priors import load_priors, precompute

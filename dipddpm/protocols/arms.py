@@ -37,12 +37,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from dipddpm.diffusion import Diffusion, ddim_sample, sigma_at, t_for_sigma
+from dipddpm.runs import atomic_path
 
 ETA = {"ddpm": 1.0, "ddim": 0.0}
 
@@ -189,3 +191,17 @@ def run_chain(model, diffusion: Diffusion, *, sampler: str, steps: int, t0: int,
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return ChainResult(to_unit(x), counter.calls, time.perf_counter() - start)
+
+
+def kept_batch(path: Optional[Path], make: Callable[[], dict]) -> tuple[dict, bool]:
+    """One batch of a chain, kept on disk: with `path` an existing file, its dict read back
+    (True); else `make()`, saved to `path` (atomically) when one is given (False). The folder
+    belongs to one chain of one run dir, whose config the run dir guards, so what is read back
+    is what `make` would give again (same seeds); an interrupted chain resumes batch by batch."""
+    if path is not None and path.is_file():
+        return torch.load(path, weights_only=True), True
+    batch = make()
+    if path is not None:
+        with atomic_path(path, suffix=".pt") as tmp:
+            torch.save(batch, tmp)
+    return batch, False

@@ -120,7 +120,7 @@ from dipddpm.evaluate.inception import describe, floor_fid, inception_fid, load_
 from dipddpm.models.dip import SkipSpec
 from dipddpm.precision import default_device
 from dipddpm.progress import bar
-from dipddpm.protocols.arms import CountingModel, ETA, start_at, to_diffusion
+from dipddpm.protocols.arms import CountingModel, ETA, kept_batch, start_at, to_diffusion
 from dipddpm.runs import (RESULTS_FILE, SAMPLES_DIR, atomic_path, atomic_write_json,
                           atomic_write_text, prepare_run_dir, read_json, run_dir_lock)
 from dipddpm.tracking import Tracker
@@ -314,11 +314,8 @@ def draw(model, diffusion: Diffusion, n: int, batch_size: int, seed: int, device
                     unit="step", leave=False)
     for b, lo in enumerate(lows):
         m = min(batch_size, n - lo)
-        kept = cache / f"batch-{b:05d}.pt" if cache else None
-        if kept and kept.is_file():
-            batch = torch.load(kept, weights_only=True)
-            steps_bar.update(per_chain)
-        else:
+
+        def make():
             start = time.perf_counter()
             gen = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
             counter.calls = 0
@@ -326,12 +323,12 @@ def draw(model, diffusion: Diffusion, n: int, batch_size: int, seed: int, device
             x, _ = ddim_sample(counter, diffusion, (m, 1, 28, 28), steps=steps,
                                eta=ETA[sampler], x0_hat=x0_hat, t0=t0, generator=gen,
                                device=device, progress=steps_bar)
-            batch = {"x": x.float().cpu(), "nfe": counter.calls,  # .cpu() waits for the GPU
-                     "seconds": time.perf_counter() - start}
-            if kept:
-                kept.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(kept, suffix=".pt") as tmp:
-                    torch.save(batch, tmp)
+            return {"x": x.float().cpu(), "nfe": counter.calls,  # .cpu() waits for the GPU
+                    "seconds": time.perf_counter() - start}
+
+        batch, read_back = kept_batch(cache / f"batch-{b:05d}.pt" if cache else None, make)
+        if read_back:
+            steps_bar.update(per_chain)
         nfe = batch["nfe"] if nfe is None else nfe
         seconds += batch["seconds"]
         out.append(batch["x"])

@@ -120,8 +120,8 @@ from dipddpm.evaluate.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, best_at
                                     bootstrap_ci, paired_delta, pareto_front)
 from dipddpm.models.dip import SkipSpec
 from dipddpm.progress import bar
-from dipddpm.protocols.arms import (cheap_estimate, direct_start, oracle_error, residual_error,
-                                    run_chain, sigma_on_diffusion_scale, start_at)
+from dipddpm.protocols.arms import (cheap_estimate, direct_start, kept_batch, oracle_error,
+                                    residual_error, run_chain, sigma_on_diffusion_scale, start_at)
 from dipddpm.runs import (RESULTS_FILE, atomic_write_json, atomic_write_text, prepare_run_dir,
                           read_json)
 from dipddpm.tracking import Tracker
@@ -473,24 +473,34 @@ def chain_plan(samplers: list[str], steps: list[int], t0: int) -> list[tuple[str
     return out
 
 
-def chain_batched(model, diffusion, n, *, batch_size, seed, **kw):
-    """run_chain over batches of the arrays in kw (u_hat, x_start, y, mask); -> (u, nfe, s/img).
-    A bar (shown only when it lasts) counts the reverse steps of every batch."""
+def chain_batched(model, diffusion, n, *, batch_size, seed, cache: Optional[Path] = None, **kw):
+    """run_chain over batches of the arrays in kw (u_hat, x_start, y, mask); -> (u, nfe, s/img,
+    seconds read back). A bar (shown only when it lasts) counts the reverse steps of every
+    batch. With `cache` (a folder owned by this one chain), each finished batch is kept there
+    with its NFE and seconds and a rerun reads it back: an interrupted task resumes chain by
+    chain with the same outputs and the same time per image."""
     arrays = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
     rest = {k: v for k, v in kw.items() if not isinstance(v, torch.Tensor)}
-    outs, nfe, seconds = [], None, 0.0
+    outs, nfe, seconds, read_back = [], None, 0.0, 0.0
     lows = range(0, n, batch_size)
     per_chain = len(ddim_timesteps(rest["t0"], rest["steps"]))
     with bar(len(lows) * per_chain, f"{rest['sampler']} K={rest['steps']} t0={rest['t0']}",
              unit="step", leave=False) as steps_bar:
         for b, lo in enumerate(lows):
-            part = {k: v[lo:lo + batch_size] for k, v in arrays.items()}
-            r = run_chain(model, diffusion, seed=seed * 1_000_003 + b, progress=steps_bar,
-                          **part, **rest)
-            outs.append(r.u.cpu())
-            nfe = r.nfe if nfe is None else nfe
-            seconds += r.seconds
-    return torch.cat(outs), nfe, seconds / n
+            def make():
+                part = {k: v[lo:lo + batch_size] for k, v in arrays.items()}
+                r = run_chain(model, diffusion, seed=seed * 1_000_003 + b, progress=steps_bar,
+                              **part, **rest)
+                return {"u": r.u.cpu(), "nfe": r.nfe, "seconds": r.seconds}
+
+            batch, kept = kept_batch(cache / f"batch-{b:05d}.pt" if cache else None, make)
+            if kept:
+                steps_bar.update(per_chain)
+                read_back += batch["seconds"]
+            outs.append(batch["u"])
+            nfe = batch["nfe"] if nfe is None else nfe
+            seconds += batch["seconds"]
+    return torch.cat(outs), nfe, seconds / n, read_back
 
 
 def check_runnable(cfg: Config, diffusion: Diffusion) -> None:
@@ -525,7 +535,9 @@ def direct_start_t(diffusion: Diffusion, sigma255: float) -> int:
 # ----------------------------------------------------------------------------- one task
 
 def run_task(cfg: Config, model, diffusion: Diffusion, clean_np, keys, task, sigma, device,
-             log=print) -> dict:
+             log=print, keep: Optional[Path] = None) -> dict:
+    """One task's rows, front and answer. With `keep`, a folder owned by this task in this run
+    dir, every reverse chain's batches are kept there and a rerun reads them back."""
     p = cfg.protocol
     y_np, mask_np = observe(cfg, clean_np, keys, task, sigma)
     clean = torch.from_numpy(clean_np)
@@ -564,18 +576,18 @@ def run_task(cfg: Config, model, diffusion: Diffusion, clean_np, keys, task, sig
     common = dict(batch_size=p.batch_size, seed=cfg.run.seed)
     cons = dict(y=dev(y), mask=dev(mask)) if inpaint and p.inpaint_consistency else {}
     skipped, t_star, sigma_obs = [], None, None
+    done, read_back = {}, 0.0  # chains run (or read back from `keep`) in this task
 
-    def chains(arm, source_kw, t0, start, *, estimate=None, iters=0.0, oracle=False,
-               cache=None):
+    def chains(arm, source_kw, t0, start, *, estimate=None, iters=0.0, oracle=False):
+        nonlocal read_back
         for sampler, k in chain_plan(p.samplers, chain_steps(p, arm), t0):
-            key = (sampler, k, t0)
-            if cache is not None and key in cache:
-                u, nfe, s = cache[key]
-            else:
-                u, nfe, s = chain_batched(model, diffusion, len(keys), sampler=sampler,
-                                          steps=k, t0=t0, **source_kw, **common)
-                if cache is not None:
-                    cache[key] = (u, nfe, s)
+            name = "-".join([arm, *([estimate] if estimate else []), sampler, f"K{k}", f"t{t0}"])
+            if name not in done:  # two starts of one source can land on the same t0
+                u, nfe, s, s_back = chain_batched(
+                    model, diffusion, len(keys), sampler=sampler, steps=k, t0=t0,
+                    cache=keep / name if keep else None, **source_kw, **common)
+                done[name], read_back = (u, nfe, s), read_back + s_back
+            u, nfe, s = done[name]
             rows.append(make_row(arm, score(u, clean, hole), estimate=estimate, sampler=sampler,
                                  steps=k, nfe=nfe, start=start, dip_iters=iters,
                                  dip_s=iters * spi, rev_s=s, oracle=oracle, **common_row))
@@ -613,11 +625,9 @@ def run_task(cfg: Config, model, diffusion: Diffusion, clean_np, keys, task, sig
             "estimated": src.e_hat, "oracle": src.e_oracle}
         starts, dropped = start_points(cfg, diffusion, src)
         skipped += dropped
-        cache: dict = {}
         for st in starts:
             chains(src.arm, dict(u_hat=dev(src.u), **cons), st["t0"], st,
-                   estimate=src.estimate, iters=src.iters, oracle=src.oracle or st["oracle"],
-                   cache=cache)
+                   estimate=src.estimate, iters=src.iters, oracle=src.oracle or st["oracle"])
         arms_bar.update(1)
     arms_bar.close()
     front = add_deltas(rows, primary)
@@ -630,8 +640,9 @@ def run_task(cfg: Config, model, diffusion: Diffusion, clean_np, keys, task, sig
               "dip_seconds_per_iteration": spi, "dip_seconds_per_image": dip.seconds_per_image,
               "errors": errors, "es_wmv": es_info, "dip_curve": dip.curve, "skipped": skipped,
               "front": front, "rows": rows,
-              # the task's compute: its DIP fits (whenever they ran) and everything after them
-              "seconds": {"dip_fits": dip.fit_seconds, "rest": time.perf_counter() - t_rest}}
+              # the task's compute: its DIP fits and everything after them (whenever they ran)
+              "seconds": {"dip_fits": dip.fit_seconds,
+                          "rest": time.perf_counter() - t_rest + read_back}}
     result["answer"] = answer(result, g_unet, g_dip)
     return result
 
@@ -651,7 +662,8 @@ def restoration(cfg: Config, model, diffusion: Diffusion, device, info: dict | N
             tasks[name] = read_json(done)
             log(f"{name}: finished before, read from {done}")
             continue
-        tasks[name] = run_task(cfg, model, diffusion, clean, keys, task, sigma, device, log)
+        tasks[name] = run_task(cfg, model, diffusion, clean, keys, task, sigma, device, log,
+                               keep=None if done_dir is None else done_dir / name)
         if done is not None:
             atomic_write_json(done, tasks[name])
     dip_keys = ("iters", "scales", "channels_down", "channels_up", "channels_skip", "lr",
