@@ -447,8 +447,8 @@ def test_restore_shares_dip_fits_through_the_cache_and_resumes_by_task(tiny_worl
     assert len(ran) == 1
     resumed = json.loads((tmp_path / "a/results.json").read_text())["tasks"]["inpaint_box"]
     first = a["tasks"]["inpaint_box"]
-    rows = lambda t: [(r["arm"], r["steps"], r["psnr_images"], r["reverse_seconds_per_image"])  # noqa
-                      for r in t["rows"] if r["nfe"]]
+    rows = lambda t: [(r["arm"], r["steps"], r["psnr_images"],  # noqa: E731
+                       r["reverse_seconds_per_image"]) for r in t["rows"] if r["nfe"]]
     assert [r[:3] for r in rows(resumed)] == [r[:3] for r in rows(first)]
     assert sum(r[3] != q[3] for r, q in zip(rows(resumed), rows(first))) >= 1  # the rerun chain
     assert resumed["seconds"]["rest"] >= 0.5 * first["seconds"]["rest"]

@@ -187,7 +187,8 @@ def fid_curve_tables(runs: Runs) -> list[Table]:
             t.rows.append([f"{q['epoch']:.2f}", f"{q['images_seen']:,}", fmt(q["fid"]),
                            fmt(q["kid"], 4), fmt(q["seconds_per_sample"], 3)])
         if r.get("plateau"):
-            t.notes = [plateau_sentence(r) + "."]
+            sentence = plateau_sentence(r)
+            t.notes = [sentence[0].upper() + sentence[1:] + "."]
         if r.get("final"):
             t.notes.append("The last weights again: " + final_fid_sentence(r["final"]))
         plot = run.path / "fid_vs_epochs.png"
