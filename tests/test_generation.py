@@ -214,8 +214,9 @@ def test_fitted_estimates_are_kept_in_the_dip_cache(world, tmp_path, monkeypatch
 def test_fit_sources_only_fills_the_cache_the_generation_job_then_reads(world, tmp_path,
                                                                         monkeypatch, capsys):
     """--fit-sources-only (beside a long training): no DDPM, classifier or run dir needed;
-    the generation job afterwards fits nothing."""
+    the generation job afterwards fits nothing, and a rerun draws nothing."""
     import dipddpm.dip.fit as fit
+    import dipddpm.protocols.generation as gen_protocol
     from dipddpm.config import ConfigError
 
     cache, run_dir = tmp_path / "dip-cache", tmp_path / "gen"
@@ -230,6 +231,12 @@ def test_fit_sources_only_fills_the_cache_the_generation_job_then_reads(world, t
     monkeypatch.setattr(fit, "fit_batch", None)  # the generation job must not fit
     results = generate_main(job_args(world, run_dir, *sources, f"protocol.dip_cache={cache}"))
     assert results["sources"]["heldout"] == out["heldout"]
+    draws = sorted(d.name for d in (run_dir / "draws").iterdir())
+    assert "ddim-k2" in draws and "dip_start-heldout-t" in " ".join(draws)
+    # a rerun (as after an interruption) reads every arm's batches back: the same rows
+    monkeypatch.setattr(gen_protocol, "ddim_sample", None)
+    again = generate_main(job_args(world, run_dir, *sources, f"protocol.dip_cache={cache}"))
+    assert again["arms"] == results["arms"]
     # a source served from a priors dir has nothing to fit here
     assert generate_main(job_args(world, run_dir, "protocol.gen_sources=[train]",
                                   "protocol.gen_priors_dir=not-built-yet",

@@ -218,6 +218,8 @@ def test_micro_study_inline_writes_the_report_and_a_rerun_skips_everything(micro
         st["done"] and st["seconds"] > 0 and (st["estimate_seconds"] > 0 or name == "classifier")
         for name, st in export["stages"].items())  # the classifier's few seconds are not counted
     assert export["stages"]["train/ddpm-T20"]["seconds_are"] == "training loop, all resumes"
+    assert export["stages"]["generation"]["seconds_are"] == \
+        "chains, all resumes + the sources' DIP fits"
     files = [f for f in out.rglob("*") if f.is_file()]
     assert not [f for f in files if f.suffix in (".pt", ".npz") or "wandb" in f.parts]
     for f in files:

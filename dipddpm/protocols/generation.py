@@ -93,6 +93,8 @@ DIP start. Rows of the baselines have source, sigma_t0 and t0 null.
 The per-sample distances behind the memorisation summaries are in run_dir/memorisation/<tag>.npz
 (float32 arrays pixels_samples, pixels_test, features_samples, features_test: each sample's and
 each reference test image's distance to its nearest training image), for the report's histograms.
+Every arm's samples are kept batch by batch in run_dir/draws/<arm>/ (with their NFE and seconds),
+so a run cut short resumes where it stopped, with the same samples and the same times.
 """
 from __future__ import annotations
 
@@ -337,6 +339,7 @@ def draw(model, diffusion: Diffusion, n: int, batch_size: int, seed: int, device
 
 
 MEMORISATION_DIR = "memorisation"
+DRAWS_DIR = "draws"  # run_dir/draws/<arm>/batch-*.pt: the samples of every finished batch
 
 
 def save_distances(path: Path, arrays: dict) -> str:
@@ -417,6 +420,7 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
     log(f"floors at N = {n}: FID {floor['fid_vs_train']:.2f} vs train, "
         f"{floor_ho['fid']:.2f} vs held-out ({len(ho_keys)} test images)")
     arms, skipped = [], []
+    kept = run_dir / DRAWS_DIR  # every arm's batches: an interrupted run resumes batch by batch
     unet_gflop = unet_forward_gflop(model)
     dip_gflop = dip_iteration_gflop(SkipSpec.from_config(cfg.dip))
 
@@ -478,7 +482,8 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
         for k in sorted(set(ks) | ({T} if sampler == "ddpm" and p.gen_ddpm else set())):
             if k > T:
                 continue
-            x, nfe, s = draw(model, diffusion, n, bs, seed, device, sampler=sampler, steps=k)
+            x, nfe, s = draw(model, diffusion, n, bs, seed, device, sampler=sampler, steps=k,
+                             cache=kept / f"{sampler}-k{k}")
             mem = _memorisation(clf, data_dir, x) if sampler == "ddim" and k == max(ks) else None
             add(sampler, x, steps=k, nfe=nfe, reverse_s=s, mem=mem)
 
@@ -490,12 +495,14 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
             common = dict(source=src.name, sigma_t0=s, realised=realised, t0=t0,
                           steps=p.gen_steps)
             x, nfe, sec = draw(model, diffusion, n, bs, seed, device, sampler="ddim",
-                               steps=p.gen_steps, t0=t0, u_hat=src.estimate)
+                               steps=p.gen_steps, t0=t0, u_hat=src.estimate,
+                               cache=kept / f"dip_start-{src.name}-t{t0}")
             add("dip_start", x, nfe=nfe, dip_iters=src.dip_iters, reverse_s=sec,
                 dip_s=src.dip_seconds, mem=_memorisation(clf, data_dir, x, src.clean), **common)
             if src.clean is not None:  # the zero-cost control: the image itself at sigma_t0
                 x, nfe, sec = draw(model, diffusion, n, bs, seed, device, sampler="ddim",
-                                   steps=p.gen_steps, t0=t0, u_hat=src.clean)
+                                   steps=p.gen_steps, t0=t0, u_hat=src.clean,
+                                   cache=kept / f"clean_start-{src.name}-t{t0}")
                 add("clean_start", x, nfe=nfe, reverse_s=sec,
                     mem=_memorisation(clf, data_dir, x, src.clean), **common)
     results = {"protocol": "generation", "n": n, "T": T, "device": str(device),
