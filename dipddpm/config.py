@@ -455,6 +455,9 @@ class ProtocolConfig:
     # K of the DDIM and DDPM baselines from noise; every DIP start's NFE is added to them
     gen_ddim_steps: list[int] = field(default_factory=lambda: [10, 20, 50, 100])
     gen_ddpm: bool = True  # also the full T-step ancestral DDPM from noise (T NFE per sample)
+    # the samplers of that front from noise (ddpm = eta 1, ddim = eta 0): a run of one of them
+    # alone at a larger N (the study's generation_front stages) leaves the other out
+    gen_samplers: list[str] = field(default_factory=lambda: ["ddpm", "ddim"])
     gen_t0s: list[int] = field(default_factory=list)  # retired (start indices): must stay empty
     # noise levels of the starts, [-1, 1] units; t0 = the step whose sqrt((1-abar)/abar) is nearest
     gen_sigma_t0s: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0])
@@ -483,8 +486,10 @@ class ProtocolConfig:
         if any(e not in START_ESTIMATES for e in self.start_estimates):
             fail("start_estimates", self.start_estimates,
                  f"each must be one of {', '.join(START_ESTIMATES)}")
-        if not self.samplers or any(s not in ("ddpm", "ddim") for s in self.samplers):
-            fail("samplers", self.samplers, "each must be ddpm or ddim")
+        for key in ("samplers", "gen_samplers"):
+            v = getattr(self, key)
+            if not v or any(s not in ("ddpm", "ddim") for s in v) or len(set(v)) != len(v):
+                fail(key, v, "each must be ddpm or ddim, at most once, and not none")
         if not 0 < self.blur_sigma <= 9:  # reflection padding of radius 3 sigma needs < 28 px
             fail("blur_sigma", self.blur_sigma, "must be in (0, 9] pixels")
         if self.curve_final_num_images == 1 or self.curve_final_num_images < 0:
@@ -503,7 +508,7 @@ class ProtocolConfig:
 
 
 STUDY_STAGES = ("train", "train_main", "ablation_dip_iters", "ablation_epochs", "fit_dip", "classifier",
-                "priors", "sampling", "fid_curve", "restore", "generation")
+                "priors", "sampling", "fid_curve", "restore", "generation", "generation_front")
 
 
 @dataclass
@@ -540,6 +545,12 @@ class StudyConfig:
     gflops_forward: float = neutral(58.0)
     gflops_dip: float = neutral(42.0)
     generation: list[str] = field(default_factory=list)
+    # the generation_front stages: the baselines from noise alone (no DIP start) at the N a FID
+    # is usually quoted at, each sampler in its own stage (0: no such stage), with the overrides
+    # of study.generation_front; both read the weights the generation stage reads
+    generation_front: list[str] = field(default_factory=list)
+    front_ddim_num_images: int = 10000  # DDIM at every K of protocol.gen_ddim_steps
+    front_ddpm_num_images: int = 2000  # the full T-step ancestral DDPM
 
     def check(self, fail):
         if not self.restore_checkpoints or len(set(self.restore_checkpoints)) < len(
@@ -559,6 +570,9 @@ class StudyConfig:
             fail("dip_iters", self.dip_iters, "must all be >= 1")
         if self.sampling_num_images < 1:
             fail("sampling_num_images", self.sampling_num_images, "must be >= 1")
+        for key in ("front_ddim_num_images", "front_ddpm_num_images"):
+            if getattr(self, key) == 1 or getattr(self, key) < 0:
+                fail(key, getattr(self, key), "must be 0 (no such stage) or >= 2 (FID needs 2)")
         for key in ("gflops_train", "gflops_forward", "gflops_dip"):
             if getattr(self, key) <= 0:
                 fail(key, getattr(self, key), "must be > 0 (GFLOP/s)")
@@ -584,7 +598,9 @@ class Config:
     launch: LaunchConfig = neutral(default_factory=LaunchConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
-    study: StudyConfig = field(default_factory=StudyConfig)
+    # neutral: a stage's results depend on its own keys (its argv sets them), never on the study
+    # that planned it, and the study's own run dir holds nothing but its config
+    study: StudyConfig = neutral(default_factory=StudyConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

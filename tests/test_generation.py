@@ -149,6 +149,36 @@ def test_heldout_reference_excludes_the_start_images(world, job):
     assert res["references"]["heldout"]["n"] == len(ref_keys)
 
 
+def test_front_alone_one_sampler_at_its_own_n(world, job, tmp_path):
+    """The study's generation_front stages: no DIP start, one sampler. DDPM alone with no K but
+    the full T-step chain gives one row, memorisation beside it; with no held-out source the
+    held-out reference is the whole test split; its samples are the protocol's own (common
+    random numbers): the same as the T-step DDPM row of the full protocol."""
+    run_dir = tmp_path / "front"
+    generate_main(job_args(world, run_dir, "protocol.gen_sources=[]",
+                           "protocol.gen_samplers=[ddpm]", "protocol.gen_ddim_steps=[]"))
+    res = json.loads((run_dir / "results.json").read_text())
+    assert [(r["arm"], r["steps"], r["nfe"]) for r in res["arms"]] == [("ddpm", 30, 30)]
+    assert res["arms"][0]["memorisation"]["features"]["test"]["median"] > 0
+    assert res["sources"] == {} and res["references"]["heldout"] == {"n": 16, "excluded": []}
+    assert "no held-out start images to exclude" in (run_dir / "table.md").read_text()
+    for b in range(2):  # the same chains as the full protocol's T-step DDPM, batch by batch
+        name = f"draws/ddpm-k30/batch-{b:05d}.pt"
+        torch.testing.assert_close(torch.load(run_dir / name)["x"],
+                                   torch.load(job[0] / name)["x"], rtol=0, atol=0)
+    ddim = tmp_path / "ddim"
+    generate_main(job_args(world, ddim, "protocol.gen_sources=[]", "protocol.gen_samplers=[ddim]",
+                           "protocol.gen_ddpm=true"))
+    res = json.loads((ddim / "results.json").read_text())
+    # gen_ddpm adds the T-step chain to DDPM only; the memorisation goes beside the largest K
+    assert [(r["arm"], r["steps"], r["memorisation"] is not None) for r in res["arms"]] == \
+        [("ddim", 2, False), ("ddim", 5, True)]
+    with pytest.raises(ConfigError, match="protocol.gen_samplers"):
+        load_config(None, ["protocol.gen_samplers=[ddim, ddim]"])
+    with pytest.raises(ConfigError, match="protocol.gen_samplers"):
+        load_config(None, ["protocol.gen_samplers=[]"])
+
+
 def test_clean_control_is_the_forward_diffused_image(world, tmp_path):
     """With a model that predicts no noise, one DDIM step from x_t0 returns x_t0 / sqrt(abar):
     the clean_start rows' samples must be exactly the source images diffused to t0 with the

@@ -160,6 +160,10 @@ def test_neutral_declarations_drive_the_study_the_priors_and_the_report(tmp_path
     assert is_done(stage(cfg("wandb.mode=disabled", "train.log_every_images=64")))
     assert not is_done(stage(cfg("train.lr=0.1")))
     assert not is_done(stage(cfg("train.epochs=2")))  # a longer run is work to do
+    # the study that planned a stage changes none of its results: a new stage kind (a longer
+    # default study.stages) leaves every finished stage done
+    assert is_neutral("study.stages") and is_neutral("study.front_ddim_num_images")
+    assert is_done(stage(cfg("study.stages=[train]", "study.front_ddpm_num_images=0")))
     # the priors: a neutral key leaves the fingerprint, a fitting key changes it
     fp = lambda c: fingerprint(settings_of(c, "data"))  # noqa: E731
     assert fp(cfg("dip.batch_size=3", "dip.num_images=5")) == fp(cfg())

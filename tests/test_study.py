@@ -119,6 +119,20 @@ def test_stage_estimates_count_the_work_of_each_stage(tmp_path):
     # weights at N = 10,000 x 100 steps
     assert costs["fid_curve"].gflop["forward"] == pytest.approx((10 * 1000 * 50 + 10_000 * 100)
                                                                 * unet)
+    # the generation protocol at N = 1,000: both samplers at K = 10/20/50/100 (50: the starts'
+    # NFE too), one DIP-start chain of 50 steps per source (2) and level (3), one clean control
+    # per level; the baselines alone at their own N, each stage one sampler, no start
+    assert costs["generation"].gflop["forward"] == pytest.approx(
+        1000 * (2 * 180 + (2 + 1) * 3 * 50) * unet)
+    front = {s.name: s.cfg.protocol for s in stages if s.kind == "generation_front"}
+    assert [(k, p.gen_samplers, p.gen_num_images, p.gen_ddim_steps, p.gen_ddpm, p.gen_sources)
+            for k, p in front.items()] == [
+        ("generation-ddim-n10000", ["ddim"], 10_000, [10, 20, 50], False, []),
+        ("generation-ddpm1000-n2000", ["ddpm"], 2000, [], True, [])]
+    assert costs["generation-ddim-n10000"].gflop["forward"] == pytest.approx(10_000 * 80 * unet)
+    assert costs["generation-ddpm1000-n2000"].gflop["forward"] == pytest.approx(2000 * 1000 * unet)
+    assert all(by_name[k].cfg.protocol.checkpoint == by_name["generation"].cfg.protocol.checkpoint
+               for k in front)
     # the classifier has no FLOP model (~2 min here): the dry run and the report say so
     assert costs["classifier"].seconds == 0 and costs["classifier"].note == "not counted"
     assert "~0 s (not counted)" in describe(stages, costs=costs).splitlines()[

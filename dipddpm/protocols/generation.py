@@ -33,14 +33,18 @@ listed in "skipped", as is a sigma mapping to the same t0 as an earlier one.
 Baseline front. DDIM (eta 0) and DDPM (eta 1, the respaced ancestral chain; with K = T exactly
 ancestral DDPM) from pure noise with K steps, for every K in protocol.gen_ddim_steps and every
 NFE a start row has (NFE = min(gen_steps, t0)), so every start has both baselines at its NFE;
-plus the full T-step DDPM when protocol.gen_ddpm. Every chain of the run draws its start noise
-from the same per-batch seeds (common random numbers across arms).
+plus the full T-step DDPM when protocol.gen_ddpm. protocol.gen_samplers names the samplers of
+this front (both by default): with gen_sources = [] and one sampler, the protocol is the
+baselines alone at a larger N (the study's generation_front stages). Every chain of the run draws
+its start noise from the same per-batch seeds (common random numbers across arms), so a chain of
+the same weights, sampler, K, seed and batch size gives the same samples in any run.
 
 FID/KID against two references, each with its real-vs-real floor at N = gen_num_images:
 - train: the whole train split's statistics (`fid`, `kid`, `kid_std`); floor `floor`: N random
   test images against them (`fid_vs_train`; `fid` there is two disjoint real sets of N).
-- heldout: the test split minus the held-out start images (`fid_heldout`, `kid_heldout`,
-  `kid_std_heldout`); floor `floor_heldout`: N random train images against them.
+- heldout: the test split minus the held-out start images, the whole test split when there is
+  no held-out source (`fid_heldout`, `kid_heldout`, `kid_std_heldout`); floor `floor_heldout`:
+  N random train images against it.
 Features come from the project's FashionMNIST classifier (jobs.train_classifier), so the
 numbers compare only with numbers from the same classifier. With classifier.inception_weights
 set, every arm and `floor` also get "fid_inception": FID on the FID Inception's pool features
@@ -51,8 +55,8 @@ records); without it the results carry no such key.
 
 Memorisation (`dipddpm.evaluate.memorisation_check`, summaries without per-sample lists) beside
 every row that starts from data (dip_estimate, dip_start, clean_start of train and heldout),
-the data-free rows and the largest-K DDIM baseline: each sample's nearest training image in
-pixels and classifier features against the same for real test images, plus for rows with a
+the data-free rows and the largest-K DDIM baseline (without DDIM: the largest-K row): each
+sample's nearest training image in pixels and classifier features against the same for real test images, plus for rows with a
 source image `source_match`, the share of samples whose own source image is at least as near as
 their nearest training image (for train sources: the nearest training image is the source), and
 `source_distance_median`, the median pixel distance of a sample to its own source image.
@@ -69,7 +73,7 @@ results.json:
    "classifier": {"sha256", "test_accuracy"},
    "floor": {"n", "fid", "fid_vs_train", "kid", "kid_std", ..., ["fid_inception"]},
    "floor_heldout": {"n", "fid", "kid", "kid_std", "real": "N random train images"},
-   "references": {"train": {"n"}, "heldout": {"n", "excluded": [first key, last key]}},
+   "references": {"train": {"n"}, "heldout": {"n", "excluded": [first key, last key] or []}},
    ["inception": {"weights", "sha256", "ref_num", "standard"}],
    "gen_steps": K, "sigma_t0s": [requested...],
    "sources": {"train" | "heldout" | "data_free":
@@ -258,7 +262,7 @@ def data_free_source(cfg: Config, device) -> Source:
 
 def heldout_reference(clf, data_dir, n: int) -> tuple[np.ndarray, list[str], list[str]]:
     """(features, keys) of the held-out reference, the test split without its first n images
-    (the held-out source's start images), and the n excluded keys."""
+    (the held-out source's start images; n = 0 without that source), and the n excluded keys."""
 
     _, _, keys = load_split(data_dir, "test")
     feats = split_features(clf, data_dir, "test")  # index order, as load_split's keys
@@ -407,7 +411,8 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
     if c.inception_weights:  # loaded first: a bad weights file fails before any real work
         inc = load_inception(c.inception_weights, device, c.inception_batch_size)
         inc_dir = classifier_dir(cfg)
-    ho_feats, ho_keys, excluded = heldout_reference(clf, data_dir, n)
+    ho_feats, ho_keys, excluded = heldout_reference(clf, data_dir,
+                                                    n if "heldout" in p.gen_sources else 0)
     mu, sigma, n_train = train_stats(clf, data_dir)
     refs = [Reference("train", split_features(clf, data_dir, "train"), mu, sigma),
             Reference("heldout", ho_feats, *feature_stats(ho_feats))]
@@ -476,16 +481,17 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
             f"{src.dip_iters:.0f} iterations, {src.dip_seconds:.3f} s/image)")
         sources.append(src)
 
-    # the baseline front: DDPM and DDIM from noise at every K and at every start's NFE
-    ks = sorted(set(p.gen_ddim_steps) | start_nfe)
-    for sampler in ("ddpm", "ddim"):
-        for k in sorted(set(ks) | ({T} if sampler == "ddpm" and p.gen_ddpm else set())):
-            if k > T:
-                continue
-            x, nfe, s = draw(model, diffusion, n, bs, seed, device, sampler=sampler, steps=k,
-                             cache=kept / f"{sampler}-k{k}")
-            mem = _memorisation(clf, data_dir, x) if sampler == "ddim" and k == max(ks) else None
-            add(sampler, x, steps=k, nfe=nfe, reverse_s=s, mem=mem)
+    # the baseline front: gen_samplers from noise at every K and at every start's NFE, and the
+    # memorisation check beside its largest-K DDIM row (without DDIM: its largest-K row)
+    ks = set(p.gen_ddim_steps) | start_nfe
+    front = [(sampler, k) for sampler in p.gen_samplers
+             for k in sorted(ks | ({T} if sampler == "ddpm" and p.gen_ddpm else set())) if k <= T]
+    checked = max(front, key=lambda a: (a[0] == "ddim", a[1]), default=None)
+    for sampler, k in front:
+        x, nfe, s = draw(model, diffusion, n, bs, seed, device, sampler=sampler, steps=k,
+                         cache=kept / f"{sampler}-k{k}")
+        mem = _memorisation(clf, data_dir, x) if (sampler, k) == checked else None
+        add(sampler, x, steps=k, nfe=nfe, reverse_s=s, mem=mem)
 
     for src in sources:
         x_est = to_diffusion(src.estimate)
@@ -512,7 +518,8 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
                "floor": floor, "floor_heldout": floor_ho,
                "references": {"train": {"n": int(n_train)},
                               "heldout": {"n": len(ho_keys),
-                                          "excluded": [excluded[0], excluded[-1]]}},
+                                          "excluded": [excluded[0], excluded[-1]]
+                                          if excluded else []}},
                "gen_steps": p.gen_steps, "sigma_t0s": list(p.gen_sigma_t0s),
                "sources": {src.name: src.summary() for src in sources},
                "skipped": skipped, "arms": arms}
@@ -537,14 +544,17 @@ def _f(v, digits: int = 2) -> str:
 def table_markdown(results: dict) -> str:
     f, fh = results["floor"], results["floor_heldout"]
     ref = results["references"]
+    excluded = ref["heldout"]["excluded"]
     lines = [f"# Generation protocol (N = {results['n']} samples per arm)", "",
              f"FID/KID on the project classifier's features (test accuracy "
              f"{results['classifier']['test_accuracy']}) against two references, each with its "
              f"real-vs-real floor at N = {f['n']}: the train split ({ref['train']['n']} images; "
-             f"floor FID {f['fid_vs_train']:.2f}, N test images) and the held-out reference, the "
-             f"test split without the held-out start images ({ref['heldout']['n']} images, "
-             f"{ref['heldout']['excluded'][0]} .. {ref['heldout']['excluded'][1]} excluded; "
-             f"floor FID {fh['fid']:.2f}, N train images). T = {results['T']}, device "
+             f"floor FID {f['fid_vs_train']:.2f}, N test images) and the held-out reference, "
+             + (f"the test split without the held-out start images ({ref['heldout']['n']} "
+                f"images, {excluded[0]} .. {excluded[1]} excluded" if excluded else
+                f"the test split ({ref['heldout']['n']} images: no held-out start images to "
+                f"exclude")
+             + f"; floor FID {fh['fid']:.2f}, N train images). T = {results['T']}, device "
              f"{results['device']}. Starts: DDIM with K = {results['gen_steps']} steps from the "
              f"t0 whose noise level matches the requested sigma_t0 ([-1, 1] units).", ""]
     for name, s in results["sources"].items():

@@ -46,7 +46,7 @@ def stage_seconds(kind: str, results: dict, stage: dict) -> tuple[float, str]:
         return (float(sum(q["seconds_per_sample"] for q in results["points"]) * results["n"]
                       + final["seconds_per_sample"] * final["n"]),
                 "sampling, all snapshots and the final draw")
-    if kind == "generation" and results.get("arms"):
+    if kind in ("generation", "generation_front") and results.get("arms"):
         chains = sum(r["reverse_seconds_per_sample"] for r in results["arms"]) * results["n"]
         fits = sum(s["dip_seconds_per_image"] * s["n"] for s in results["sources"].values())
         return float(chains + fits), "chains, all resumes + the sources' DIP fits"

@@ -13,6 +13,9 @@
                                              (study.sampling_num_images images)
       fid_curve/                             FID of the protocols' DDPM at its kept snapshots
       restore/  generation/                  the two protocols, on the DDPM trained at main_T
+      generation-ddim-n<N>/                  the generation protocol's baselines from noise alone
+      generation-ddpm<T>-n<N>/               at a larger N (stage generation_front): DDIM at
+                                             every K, and the full T-step DDPM
       restore-<weights>/                     restoration at earlier weights of that DDPM
                                              (study.restore_checkpoints)
       dip-cache/                             the protocols' DIP fits (resumable, shared)
@@ -50,6 +53,7 @@ KINDS = {
     "fid_curve": ("fid_curve", "configs/generation.yaml", 1),
     "restore": ("restore", "configs/restore.yaml", 1),
     "generation": ("generate_eval", "configs/generation.yaml", 1),
+    "generation_front": ("generate_eval", "configs/generation.yaml", 1),
 }
 # study settings every stage inherits, so one data.dir / seed / W&B project serves the study
 INHERITED = ("run.seed", "data.dir", "data.source", "data.num_workers", "wandb.mode",
@@ -161,6 +165,16 @@ def plan_study(cfg: Config, study_dir: Path) -> list[Stage]:
         own = [checkpoint, f"protocol.dip_cache={study_dir / 'dip-cache'}"] + (
             [f"protocol.gen_priors_dir={priors_dir}"] if priors_dir else [])
         add("generation", "generation", own)
+    if "generation_front" in wanted:  # no DIP start: nothing but the baselines, each at its N
+        own = [checkpoint, "protocol.gen_sources=[]"]
+        for n, name, keys in (
+                (st.front_ddim_num_images, "ddim", ["protocol.gen_ddpm=false"]),
+                (st.front_ddpm_num_images, f"ddpm{st.main_T}",
+                 ["protocol.gen_ddim_steps=[]", "protocol.gen_ddpm=true"])):
+            if n:
+                add("generation_front", f"generation-{name}-n{n}",
+                    [*own, f"protocol.gen_samplers=[{name[:4]}]",
+                     f"protocol.gen_num_images={n}", *keys])
     return sorted(stages, key=lambda s: s.wave)  # stable: plan order within a wave
 
 
