@@ -127,9 +127,9 @@ def test_stage_estimates_count_the_work_of_each_stage(tmp_path):
     front = {s.name: s.cfg.protocol for s in stages if s.kind == "generation_front"}
     assert [(k, p.gen_samplers, p.gen_num_images, p.gen_ddim_steps, p.gen_ddpm, p.gen_sources)
             for k, p in front.items()] == [
-        ("generation-ddim-n10000", ["ddim"], 10_000, [10, 20, 50], False, []),
+        ("generation-ddim-n10000", ["ddim"], 10_000, [10, 20, 50, 100], False, []),
         ("generation-ddpm1000-n2000", ["ddpm"], 2000, [], True, [])]
-    assert costs["generation-ddim-n10000"].gflop["forward"] == pytest.approx(10_000 * 80 * unet)
+    assert costs["generation-ddim-n10000"].gflop["forward"] == pytest.approx(10_000 * 180 * unet)
     assert costs["generation-ddpm1000-n2000"].gflop["forward"] == pytest.approx(2000 * 1000 * unet)
     assert all(by_name[k].cfg.protocol.checkpoint == by_name["generation"].cfg.protocol.checkpoint
                for k in front)

@@ -56,10 +56,11 @@ records); without it the results carry no such key.
 Memorisation (`dipddpm.evaluate.memorisation_check`, summaries without per-sample lists) beside
 every row that starts from data (dip_estimate, dip_start, clean_start of train and heldout),
 the data-free rows and the largest-K DDIM baseline (without DDIM: the largest-K row): each
-sample's nearest training image in pixels and classifier features against the same for real test images, plus for rows with a
-source image `source_match`, the share of samples whose own source image is at least as near as
-their nearest training image (for train sources: the nearest training image is the source), and
-`source_distance_median`, the median pixel distance of a sample to its own source image.
+sample's nearest training image in pixels and classifier features against the same for real
+test images, plus for rows with a source image `source_match`, the share of samples whose own
+source image is at least as near as their nearest training image (for train sources: the
+nearest training image is the source), and `source_distance_median`, the median pixel distance
+of a sample to its own source image.
 
 Compute. Each row has `nfe` (counted model calls per sample), `dip_iters` (DIP iterations per
 image actually run: budget, or each net's stop) and `seconds_per_sample` (reverse chain plus
