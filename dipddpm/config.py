@@ -17,7 +17,7 @@ What a key means for a rerun is declared once, on its field:
                  it, the report does not tell runs apart by it, fingerprints leave it out
   `extendable()` a run length: a rerun may raise it (training goes on from its last
                  checkpoint), never lower it; it still tells runs apart everywhere else
-A whole section can be neutral (`wandb`, `launch`). To mark a new performance-only switch
+A whole section can be neutral (`wandb`, `launch`, `study`). To mark a new performance-only switch
 (say a channels_last flag), declare it with `neutral(...)`; nothing else needs to change.
 
 How keys are named:
@@ -454,7 +454,8 @@ class ProtocolConfig:
     gen_num_images: int = 1000  # N samples per arm for FID/KID (every FID states N and its floors)
     # K of the DDIM and DDPM baselines from noise; every DIP start's NFE is added to them
     gen_ddim_steps: list[int] = field(default_factory=lambda: [10, 20, 50, 100])
-    gen_ddpm: bool = True  # also the full T-step ancestral DDPM from noise (T NFE per sample)
+    # also the full T-step ancestral DDPM from noise (T NFE per sample), when ddpm is a gen_sampler
+    gen_ddpm: bool = True
     # the samplers of that front from noise (ddpm = eta 1, ddim = eta 0): a run of one of them
     # alone at a larger N (the study's generation_front stages) leaves the other out
     gen_samplers: list[str] = field(default_factory=lambda: ["ddpm", "ddim"])
@@ -505,6 +506,10 @@ class ProtocolConfig:
                  f"each must be one of {', '.join(GEN_SOURCES)}, at most once")
         if self.gen_data_free_iters < 0:
             fail("gen_data_free_iters", self.gen_data_free_iters, "must be >= 0")
+        if not (self.gen_sources or self.gen_ddim_steps
+                or ("ddpm" in self.gen_samplers and self.gen_ddpm)):
+            fail("gen_ddim_steps", self.gen_ddim_steps, "with no DIP source (gen_sources = []) "
+                 "and no full DDPM the generation protocol would run no arm")
 
 
 STUDY_STAGES = ("train", "train_main", "ablation_dip_iters", "ablation_epochs", "fit_dip", "classifier",
@@ -546,8 +551,9 @@ class StudyConfig:
     gflops_dip: float = neutral(42.0)
     generation: list[str] = field(default_factory=list)
     # the generation_front stages: the baselines from noise alone (no DIP start) at the N a FID
-    # is usually quoted at, each sampler in its own stage (0: no such stage), with the overrides
-    # of study.generation_front; both read the weights the generation stage reads
+    # is usually quoted at, each sampler in its own stage (0: no such stage), from
+    # configs/generation.yaml with these overrides (not study.generation's); both read the
+    # weights the generation stage reads
     generation_front: list[str] = field(default_factory=list)
     front_ddim_num_images: int = 10000  # DDIM at every K of protocol.gen_ddim_steps
     front_ddpm_num_images: int = 2000  # the full T-step ancestral DDPM

@@ -177,6 +177,11 @@ def test_front_alone_one_sampler_at_its_own_n(world, job, tmp_path):
         load_config(None, ["protocol.gen_samplers=[ddim, ddim]"])
     with pytest.raises(ConfigError, match="protocol.gen_samplers"):
         load_config(None, ["protocol.gen_samplers=[]"])
+    with pytest.raises(ConfigError, match="protocol.gen_ddim_steps = \\[\\]: with no DIP source"):
+        load_config(None, ["protocol.gen_sources=[]", "protocol.gen_ddim_steps=[]",
+                           "protocol.gen_samplers=[ddim]"])
+    from dipddpm.report.study_report import held_out
+    assert held_out(res).startswith("the whole test split")  # the report's wording of it
 
 
 def test_clean_control_is_the_forward_diffused_image(world, tmp_path):

@@ -133,6 +133,15 @@ def test_stage_estimates_count_the_work_of_each_stage(tmp_path):
     assert costs["generation-ddpm1000-n2000"].gflop["forward"] == pytest.approx(2000 * 1000 * unet)
     assert all(by_name[k].cfg.protocol.checkpoint == by_name["generation"].cfg.protocol.checkpoint
                for k in front)
+    one = load_config(str(REPO / "configs/cpu_study.yaml"),
+                      [f"run.dir={tmp_path}", "study.front_ddpm_num_images=0"])
+    assert [s.name for s in plan_study(one, tmp_path) if s.kind == "generation_front"] == \
+        ["generation-ddim-n10000"]  # a 0 drops the stage
+    # its wall time in the export: every arm's chains, as the generation stage's
+    from dipddpm.study.export import stage_seconds
+    assert stage_seconds("generation_front", {"n": 10, "sources": {},
+                                              "arms": [{"reverse_seconds_per_sample": 2.0}]},
+                         {"seconds": 99.0})[0] == 20.0
     # the classifier has no FLOP model (~2 min here): the dry run and the report say so
     assert costs["classifier"].seconds == 0 and costs["classifier"].note == "not counted"
     assert "~0 s (not counted)" in describe(stages, costs=costs).splitlines()[

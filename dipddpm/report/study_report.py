@@ -107,6 +107,13 @@ def answer_lines(runs: Runs) -> list[str]:
     return lines
 
 
+def held_out(res: dict) -> str:
+    """What a generation run's held-out reference is."""
+    excluded = ((res.get("references") or {}).get("heldout") or {}).get("excluded")
+    return "the test split without the held-out start images" if excluded is None or excluded \
+        else "the whole test split: no held-out start images"
+
+
 def generation_tables(runs: Runs) -> list[Table]:
     out = []
     for run in runs["generation"]:
@@ -119,9 +126,8 @@ def generation_tables(runs: Runs) -> list[Table]:
                    f"{(res.get('classifier') or {}).get('test_accuracy')}); real-vs-real floor "
                    f"at N = {f.get('n')}: FID {fmt(f.get('fid_vs_train'))} (vs train "
                    f"statistics), KID {fmt(f.get('kid'), 4)}"
-                   + (f"; vs held-out statistics (the test split without the held-out start "
-                      f"images): FID {fmt(fh.get('fid'))}, KID {fmt(fh.get('kid'), 4)}"
-                      if fh else "")
+                   + (f"; vs held-out statistics ({held_out(res)}): FID {fmt(fh.get('fid'))}, "
+                      f"KID {fmt(fh.get('kid'), 4)}" if fh else "")
                    + ". 'nearest = source': share of samples whose own start image is at least "
                    "as near as their nearest training image. DIP starts run DDIM from the t0 "
                    "whose noise level matches sigma_t0 ([-1, 1] units, realised value in "

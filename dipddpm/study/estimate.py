@@ -127,8 +127,8 @@ def _generation(cfg: Config, unet: float, T: int) -> dict:
     p, dip = cfg.protocol, cfg.dip
     n = p.gen_num_images
     steps = set(p.gen_ddim_steps) | ({p.gen_steps} if p.gen_sources else set())
-    baselines = len(p.gen_samplers) * sum(k for k in steps if k <= T) + \
-        (T if p.gen_ddpm and "ddpm" in p.gen_samplers else 0)
+    baselines = sum(k for sampler in p.gen_samplers  # each sampler's K, as the protocol runs them
+                    for k in steps | ({T} if sampler == "ddpm" and p.gen_ddpm else set()) if k <= T)
     with_data = [s for s in p.gen_sources if s in ("train", "heldout")]
     chains = (len(p.gen_sources) + len(with_data)) * len(p.gen_sigma_t0s) * p.gen_steps
     work = {"forward": n * (baselines + chains) * unet}
