@@ -390,6 +390,14 @@ def _tag(row: dict) -> str:
 # ----------------------------------------------------------------------------- the protocol
 
 
+def baseline_front(p, T: int, start_nfe: set) -> list[tuple[str, int]]:
+    """(sampler, K) of every baseline chain from noise: each of p.gen_samplers at every K of
+    p.gen_ddim_steps and every start's NFE, DDPM also at T when p.gen_ddpm; no K above T."""
+    ks = set(p.gen_ddim_steps) | start_nfe
+    return [(sampler, k) for sampler in p.gen_samplers
+            for k in sorted(ks | ({T} if sampler == "ddpm" and p.gen_ddpm else set())) if k <= T]
+
+
 def check_retired(cfg: Config) -> None:
     """protocol.gen_t0s (start indices) stays in the schema only so that config.yaml files
     written before it was retired still load; a job given one refuses to run."""
@@ -482,11 +490,9 @@ def generation(cfg: Config, model, diffusion: Diffusion, device, clf, run_dir: P
             f"{src.dip_iters:.0f} iterations, {src.dip_seconds:.3f} s/image)")
         sources.append(src)
 
-    # the baseline front: gen_samplers from noise at every K and at every start's NFE, and the
-    # memorisation check beside its largest-K DDIM row (without DDIM: its largest-K row)
-    ks = set(p.gen_ddim_steps) | start_nfe
-    front = [(sampler, k) for sampler in p.gen_samplers
-             for k in sorted(ks | ({T} if sampler == "ddpm" and p.gen_ddpm else set())) if k <= T]
+    # the baseline front, and the memorisation check beside its largest-K DDIM row (without
+    # DDIM: its largest-K row)
+    front = baseline_front(p, T, start_nfe)
     checked = max(front, key=lambda a: (a[0] == "ddim", a[1]), default=None)
     for sampler, k in front:
         x, nfe, s = draw(model, diffusion, n, bs, seed, device, sampler=sampler, steps=k,

@@ -35,6 +35,7 @@ from dipddpm.evaluate.flops import dip_iteration_gflop, unet_forward_gflop
 from dipddpm.models.dip import SkipSpec
 from dipddpm.models.unet import build_unet
 from dipddpm.protocols.arms import direct_t0, sigma_on_diffusion_scale, start_at
+from dipddpm.protocols.generation import baseline_front
 from dipddpm.protocols.restoration import chain_plan, chain_steps, task_list
 from dipddpm.runs import CONFIG_FILE, METRICS_FILE, read_jsonl
 
@@ -126,9 +127,8 @@ def _restore(cfg: Config, unet: float, fitted_caches: set) -> dict:
 def _generation(cfg: Config, unet: float, T: int) -> dict:
     p, dip = cfg.protocol, cfg.dip
     n = p.gen_num_images
-    steps = set(p.gen_ddim_steps) | ({p.gen_steps} if p.gen_sources else set())
-    baselines = sum(k for sampler in p.gen_samplers  # each sampler's K, as the protocol runs them
-                    for k in steps | ({T} if sampler == "ddpm" and p.gen_ddpm else set()) if k <= T)
+    # the protocol's own front; each start's NFE taken as gen_steps (min(gen_steps, t0) there)
+    baselines = sum(k for _, k in baseline_front(p, T, {p.gen_steps} if p.gen_sources else set()))
     with_data = [s for s in p.gen_sources if s in ("train", "heldout")]
     chains = (len(p.gen_sources) + len(with_data)) * len(p.gen_sigma_t0s) * p.gen_steps
     work = {"forward": n * (baselines + chains) * unet}

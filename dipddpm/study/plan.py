@@ -167,13 +167,13 @@ def plan_study(cfg: Config, study_dir: Path) -> list[Stage]:
         add("generation", "generation", own)
     if "generation_front" in wanted:  # no DIP start: nothing but the baselines, each at its N
         own = [checkpoint, "protocol.gen_sources=[]"]
-        for n, name, keys in (
-                (st.front_ddim_num_images, "ddim", ["protocol.gen_ddpm=false"]),
-                (st.front_ddpm_num_images, f"ddpm{st.main_T}",
+        for sampler, n, name, keys in (
+                ("ddim", st.front_ddim_num_images, "ddim", ["protocol.gen_ddpm=false"]),
+                ("ddpm", st.front_ddpm_num_images, f"ddpm{st.main_T}",
                  ["protocol.gen_ddim_steps=[]", "protocol.gen_ddpm=true"])):
             if n:
                 add("generation_front", f"generation-{name}-n{n}",
-                    [*own, f"protocol.gen_samplers=[{name[:4]}]",
+                    [*own, f"protocol.gen_samplers=[{sampler}]",
                      f"protocol.gen_num_images={n}", *keys])
     return sorted(stages, key=lambda s: s.wave)  # stable: plan order within a wave
 
